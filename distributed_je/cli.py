@@ -1,0 +1,128 @@
+"""``dje``: the command line. Every subcommand's arguments are declared here; heavy imports
+(torch, Ray) happen inside the handlers, so ``dje --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_NOT_BUILT = 3
+EXIT_BAD_INPUT = 2
+
+# Which issue builds each subcommand that does not run yet.
+NOT_BUILT = {
+    "convert": "zarr count stores (issue 3)",
+    "synth": "zarr count stores (issue 3)",
+    "train": "distributed training on Ray Train (issue 4)",
+    "embed": "distributed training on Ray Train (issue 4)",
+    "tune": "hyperparameter search with Ray Tune + Optuna (issue 5)",
+    "evaluate": "evaluation of the paper's analyses (issue 6)",
+    "compare": "evaluation of the paper's analyses (issue 6)",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("config", nargs=None if required else "?", type=Path,
+                        help="YAML config (see tune_configs/base.yaml for every key and its default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set loss.kl_weight=0.5 (repeatable)")
+
+
+def _add_address_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address to join (default: $RAY_ADDRESS, else start Ray on this machine)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dje", description="Distributed joint-embedding SCVI: stores, training, tuning, evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert h5ad / 10x h5 / 10x mtx counts to a zarr store")
+    p.add_argument("src", help="source: .h5ad, 10x .h5 (Cell Ranger v3) or a 10x mtx directory")
+    p.add_argument("dest", help="destination zarr store (path or fsspec URL)")
+    p.add_argument("--layer", default=None, help="h5ad layer holding raw counts (default: X)")
+    p.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes (seurat_v3)")
+    p.add_argument("--genes", type=Path, default=None, help="file with one gene name per line to keep, in order")
+    p.add_argument("--batch-key", default=None, help="obs column holding the batch")
+    p.add_argument("--labels-key", default=None, help="obs column holding labels")
+    p.add_argument("--keep-empty", action="store_true", help="keep cells with zero counts (dropped by default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    p = sub.add_parser("synth", help="make an atlas-scale synthetic store from a reference store's real cells")
+    p.add_argument("ref", help="reference zarr store")
+    p.add_argument("dest", help="destination zarr store")
+    p.add_argument("--cells", type=int, required=True, help="number of cells to generate")
+    p.add_argument("--n-batches", type=int, default=1, help="synthetic batches with gene-wise scaling")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    p = sub.add_parser("train", help="train a JE-SCVI model with Ray Train")
+    _add_config_args(p)
+    _add_address_arg(p)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune + Optuna")
+    _add_config_args(p)
+    _add_address_arg(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+
+    p = sub.add_parser("embed", help="write a trained model's latent to obsm['X_je_scvi']")
+    p.add_argument("model", help="checkpoint directory (local or remote)")
+    p.add_argument("data", help="AnnData h5ad or zarr store to embed")
+    p.add_argument("out", help="output .h5ad")
+
+    p = sub.add_parser("evaluate", help="depth response, bias point and reconstruction report")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("data", help="h5ad or zarr store with held-out cells")
+    p.add_argument("--labels-key", required=True, help="obs column with labels for kNN transfer")
+    p.add_argument("--condition-key", default=None, help="obs column with a condition to separate")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+
+    p = sub.add_parser("compare", help="train and evaluate variants side by side")
+    _add_config_args(p)
+    p.add_argument("--variants", default="scvi,thinning_only,je,je_only", help="comma-separated variants")
+    p.add_argument("--diversify-depth", action="store_true", help="thin training cells to a wide depth range first")
+
+    p = sub.add_parser("demo", help="the main job on the embedded default, from nothing")
+    _add_config_args(p, required=False)
+    p.add_argument("--data", default=None, help="h5ad with raw counts (default: a generated synthetic dataset)")
+    p.add_argument("--labels-key", default=None, help="obs column with labels (needed with --data)")
+    p.add_argument("--batch-key", default=None, help="obs column with batches")
+    p.add_argument("--n-top-genes", type=int, default=2000, help="highly variable genes kept from --data")
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="where the report goes")
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from distributed_je.config import load_config
+    from distributed_je.demo import run_demo
+
+    config = load_config(args.config, args.overrides)
+    run_demo(config, data=args.data, labels_key=args.labels_key, batch_key=args.batch_key,
+             n_top_genes=args.n_top_genes, out=args.out)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in NOT_BUILT:
+        print(f"dje {args.command}: not built yet; it arrives with {NOT_BUILT[args.command]}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    from distributed_je.config import ConfigError
+    from distributed_je.counts import CountsError
+
+    try:
+        return HANDLERS[args.command](args)
+    except (ConfigError, CountsError, KeyError, FileNotFoundError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"dje {args.command}: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

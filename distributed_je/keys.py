@@ -1,0 +1,5 @@
+"""Keys of a minibatch, as every loader yields it and the model reads it."""
+
+COUNTS = "counts"            # (n_cells, n_genes) float32 raw counts
+BATCH_INDEX = "batch_index"  # (n_cells,) int64 batch of each cell
+LABELS = "labels"            # (n_cells,) int64 label code (-1 where missing), only when asked for

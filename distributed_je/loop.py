@@ -1,0 +1,153 @@
+"""The per-worker training loop: plain torch over any iterable of minibatches.
+
+It runs in one process as it is, and under Ray Train inside each worker (with the model
+wrapped in DDP); Ray only orchestrates it. Metrics are summed on the device and reduced
+over ranks once per epoch, so every rank reports the same global means.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distributed_je.collectives import all_reduce_sum
+from distributed_je.config import Config, LossConfig, OptimConfig
+from distributed_je.keys import COUNTS
+from distributed_je.module import JESCVI, LossOutput
+from distributed_je.seeding import STREAM_INIT, STREAM_TRAIN, STREAM_VALIDATION, derive_seed, torch_generator
+
+Batch = dict[str, torch.Tensor]
+TERMS = LossOutput._fields  # loss, recon_nll, kl, cco, elbo
+
+
+def kl_weight_at(step: int, loss: LossConfig) -> float:
+    """Linear KL warm-up counted in optimizer steps: 0 at step 0, the full weight from warmup_steps on."""
+    if loss.kl_warmup_steps == 0:
+        return loss.kl_weight
+    return loss.kl_weight * min(1.0, step / loss.kl_warmup_steps)
+
+
+def build_model(config: Config, n_genes: int, n_batches: int) -> JESCVI:
+    """A freshly initialised model; the weights depend on ``experiment.seed`` only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.experiment.seed, stream=STREAM_INIT))
+        return JESCVI(n_genes, n_batches, config.model, config.loss, config.augment)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, eps=optim.eps)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+class _MetricSums:
+    """Cell-weighted sums of every loss term, kept on the device until the epoch ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
+
+    def add(self, out: LossOutput, n_cells: int) -> None:
+        terms = torch.stack([t.detach().double() for t in out])
+        self.sums[:-1] += terms * n_cells
+        self.sums[-1] += n_cells
+
+    def means(self, prefix: str) -> dict[str, float]:
+        total = all_reduce_sum(self.sums).tolist()
+        n_cells = max(total[-1], 1.0)
+        metrics = {f"{prefix}_{name}": value / n_cells for name, value in zip(TERMS, total[:-1])}
+        metrics[f"{prefix}_cells"] = total[-1]
+        return metrics
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold to continue training exactly where it stopped."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0   # optimizer steps taken
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], *,
+                state: TrainState, config: Config, rank: int = 0, device: torch.device | str = "cpu"
+                ) -> dict[str, float]:
+    """One pass over ``batches``; advances ``state.step`` and returns global ``train_*`` means."""
+    device = torch.device(device)
+    model.train()
+    seed = config.experiment.seed
+    # Dropout draws from torch's global generator, which cannot be passed in: seed it here.
+    torch.manual_seed(derive_seed(seed, rank, state.epoch, STREAM_TRAIN))
+    generator = torch_generator(seed, rank, state.epoch, STREAM_TRAIN, device)
+    sums = _MetricSums(device)
+    start = time.perf_counter()
+    for batch in batches:
+        batch = _to_device(batch, device)
+        out = model(batch, kl_weight=kl_weight_at(state.step, config.loss), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        sums.add(out, batch[COUNTS].shape[0])
+        state.step += 1
+    metrics = sums.means("train")
+    seconds = time.perf_counter() - start
+    metrics.update(
+        train_seconds=seconds,
+        cells_per_second=metrics["train_cells"] / max(seconds, 1e-9),
+        kl_weight=kl_weight_at(state.step, config.loss),
+        lr=optimizer.param_groups[0]["lr"],
+    )
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], *, config: Config, rank: int = 0,
+             device: torch.device | str = "cpu", prefix: str = "val") -> dict[str, float]:
+    """Global ``{prefix}_*`` means of every term with the full KL weight, in evaluation mode.
+
+    The generator is the same every epoch, so validation metrics compare across epochs.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    generator = torch_generator(config.experiment.seed, rank, 0, STREAM_VALIDATION, device)
+    sums = _MetricSums(device)
+    for batch in batches:
+        batch = _to_device(batch, device)
+        sums.add(model(batch, generator=generator), batch[COUNTS].shape[0])
+    model.train(was_training)
+    return sums.means(prefix)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
+        train_batches: Callable[[int], Iterable[Batch]], val_batches: Callable[[], Iterable[Batch]],
+        state: TrainState | None = None, rank: int = 0, device: torch.device | str = "cpu",
+        on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None) -> TrainState:
+    """Train from ``state`` (fresh by default) up to ``train.max_epochs``.
+
+    ``train_batches(epoch)`` gives that epoch's shuffled minibatches; ``on_epoch_end`` sees
+    the state and that epoch's metrics (logging, checkpoints, reporting).
+    """
+    state = state or TrainState()
+    while state.epoch < config.train.max_epochs:
+        metrics = train_epoch(model, optimizer, train_batches(state.epoch), state=state, config=config,
+                              rank=rank, device=device)
+        metrics.update(evaluate(model, val_batches(), config=config, rank=rank, device=device))
+        state.epoch += 1
+        metrics["epoch"] = state.epoch
+        state.history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(state, metrics)
+    return state
+
+
+def epoch_line(metrics: dict[str, float]) -> str:
+    """One progress line per epoch: the terms that tell whether training is healthy."""
+    shown = ("train_loss", "train_recon_nll", "train_kl", "train_cco", "val_recon_nll", "val_elbo", "val_cco")
+    terms = " ".join(f"{key}={metrics[key]:.4g}" for key in shown if key in metrics)
+    return f"epoch {int(metrics['epoch'])}: {terms} cells/s={metrics['cells_per_second']:.0f}"

@@ -1,0 +1,74 @@
+"""Networks of the SCVI architecture (as scvi-tools' SCVI defines it); no losses, no training."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VAR_EPS = 1e-4  # floor of the posterior variance, as in scvi-tools
+
+
+class FCLayers(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Dropout, repeated; the batch one-hot joins every layer's input."""
+
+    def __init__(self, n_in: int, n_out: int, *, n_batches: int, n_layers: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.n_batches = n_batches
+        sizes = [n_in] + [n_out] * n_layers
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(n_from + n_batches, n_to),
+                # momentum and eps as in scvi-tools, which the parity benchmark compares against
+                nn.BatchNorm1d(n_to, momentum=0.01, eps=1e-3),
+                nn.ReLU(),
+                nn.Dropout(dropout_rate),
+            )
+            for n_from, n_to in zip(sizes[:-1], sizes[1:])
+        )
+
+    def forward(self, x: torch.Tensor, batch_one_hot: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            if self.n_batches:
+                x = torch.cat([x, batch_one_hot], dim=-1)
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """q(z | x): a diagonal Normal from log1p counts (and, optionally, the batch)."""
+
+    def __init__(self, n_genes: int, n_latent: int, *, n_hidden: int, n_layers: int, dropout_rate: float,
+                 n_batches: int) -> None:
+        super().__init__()
+        self.body = FCLayers(n_genes, n_hidden, n_batches=n_batches, n_layers=n_layers, dropout_rate=dropout_rate)
+        self.mean = nn.Linear(n_hidden, n_latent)
+        self.log_var = nn.Linear(n_hidden, n_latent)
+
+    def forward(self, counts: torch.Tensor, batch_one_hot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(torch.log1p(counts), batch_one_hot)
+        return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
+
+
+class Decoder(nn.Module):
+    """p(x | z, library, batch): softmax gene proportions times the observed library size."""
+
+    def __init__(self, n_latent: int, n_genes: int, *, n_hidden: int, n_layers: int, n_batches: int,
+                 dispersion: str) -> None:
+        super().__init__()
+        self.body = FCLayers(n_latent, n_hidden, n_batches=n_batches, n_layers=n_layers, dropout_rate=0.0)
+        self.scale = nn.Linear(n_hidden, n_genes)
+        self.zi_logits = nn.Linear(n_hidden, n_genes)
+        n_dispersions = n_batches if dispersion == "gene-batch" else 1
+        self.log_theta = nn.Parameter(torch.randn(n_dispersions, n_genes))
+
+    def forward(self, z: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None,
+                batch_one_hot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the NB mean (n_cells, n_genes), inverse dispersion and zero-inflation logits."""
+        h = self.body(z, batch_one_hot)
+        mu = library * F.softmax(self.scale(h), dim=-1)
+        if self.log_theta.shape[0] > 1:
+            theta = torch.exp(self.log_theta)[batch_index]
+        else:
+            theta = torch.exp(self.log_theta).expand_as(mu)
+        return mu, theta, self.zi_logits(h)

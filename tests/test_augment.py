@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from distributed_je.augment import binomial_thin, sample_thinning_probability
+
+
+def counts(n_cells=50, n_genes=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n_cells, n_genes, generator=g) * 5, generator=g)
+    x[x < 2] = 0  # sparse-looking
+    return x
+
+
+def test_thinned_counts_are_integers_not_above_the_original():
+    x = counts()
+    y = binomial_thin(x, torch.full((x.shape[0],), 0.3), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(y, y.round())
+    assert (y <= x).all() and (y >= 0).all()
+    assert y.sum() < x.sum()
+
+
+def test_mean_of_many_draws_is_p_times_counts():
+    x = counts(n_cells=4, n_genes=10)
+    p = torch.tensor([0.1, 0.5, 0.9, 0.25])
+    g = torch.Generator().manual_seed(2)
+    draws = torch.stack([binomial_thin(x, p, generator=g) for _ in range(4000)])
+    expected = p[:, None] * x
+    standard_error = (x * p[:, None] * (1 - p[:, None]) / len(draws)).sqrt()
+    assert ((draws.mean(0) - expected).abs() <= 5 * standard_error + 1e-6).all()
+
+
+def test_same_seed_same_draw_other_seed_other_draw():
+    x, p = counts(), torch.full((50, 1), 0.5)
+    a = binomial_thin(x, p, generator=torch.Generator().manual_seed(7))
+    b = binomial_thin(x, p, generator=torch.Generator().manual_seed(7))
+    c = binomial_thin(x, p, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_p_one_is_identity_and_p_zero_gives_zeros():
+    x = counts()
+    assert torch.equal(binomial_thin(x, torch.ones(50)), x)
+    assert torch.equal(binomial_thin(x, torch.zeros(50)), torch.zeros_like(x))
+
+
+def test_sparse_and_dense_inputs_give_the_same_draw():
+    x, p = counts(), torch.linspace(0.05, 0.95, 50)
+    dense = binomial_thin(x, p, generator=torch.Generator().manual_seed(3))
+    sparse = binomial_thin(x.to_sparse_csr(), p, generator=torch.Generator().manual_seed(3))
+    assert sparse.layout == torch.sparse_csr
+    assert torch.equal(sparse.to_dense(), dense)
+
+
+def test_bad_probabilities_are_refused():
+    x = counts()
+    with pytest.raises(ValueError, match="one per cell"):
+        binomial_thin(x, torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        binomial_thin(x, torch.full((50,), 1.5))
+
+
+def test_thinning_probability_is_log_uniform_between_min_library_and_library():
+    library = torch.full((20000, 1), 10000.0)
+    p = sample_thinning_probability(library, 10.0, generator=torch.Generator().manual_seed(0))
+    target = p * library
+    assert target.min() >= 10.0 - 1e-3 and target.max() <= 10000.0 + 1e-2
+    # log-uniform on [10, 10^4]: log10 of the target is uniform on [1, 4]
+    log_target = torch.log10(target)
+    assert abs(log_target.mean().item() - 2.5) < 0.03
+    assert abs((log_target < 2.0).float().mean().item() - 1 / 3) < 0.02
+
+
+def test_cells_below_min_library_are_not_thinned():
+    p = sample_thinning_probability(torch.tensor([[3.0], [0.0], [10.0]]), 10.0)
+    assert torch.equal(p, torch.ones(3, 1))

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from distributed_je.distributions import kl_normal_standard, log_likelihood, log_nb, log_poisson, log_zinb
+
+
+@pytest.fixture
+def values():
+    rng = np.random.default_rng(0)
+    x = rng.negative_binomial(2, 0.1, 500).astype(np.float64)
+    x[:50] = 0
+    mu = rng.gamma(2.0, 5.0, 500)
+    theta = rng.gamma(2.0, 2.0, 500)
+    logits = rng.normal(0, 2, 500)
+    return x, mu, theta, logits
+
+
+def t(a):
+    return torch.tensor(a, dtype=torch.float64)
+
+
+def test_nb_matches_scipy(values):
+    x, mu, theta, _ = values
+    expected = stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+    np.testing.assert_allclose(log_nb(t(x), t(mu), t(theta)).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_zinb_matches_mixture_closed_form(values):
+    x, mu, theta, logits = values
+    pi = 1 / (1 + np.exp(-logits))
+    nb = stats.nbinom.pmf(x, theta, theta / (theta + mu))
+    expected = np.log(pi * (x == 0) + (1 - pi) * nb)
+    np.testing.assert_allclose(log_zinb(t(x), t(mu), t(theta), t(logits)).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_poisson_matches_scipy(values):
+    x, mu, _, _ = values
+    np.testing.assert_allclose(log_poisson(t(x), t(mu)).numpy(), stats.poisson.logpmf(x, mu), rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_and_unknown_likelihood(values):
+    x, mu, theta, logits = (t(v) for v in values)
+    assert torch.equal(log_likelihood("nb", x, mu, theta, logits), log_nb(x, mu, theta))
+    with pytest.raises(ValueError, match="nb, zinb, poisson"):
+        log_likelihood("gaussian", x, mu, theta, logits)
+
+
+def test_kl_to_standard_normal_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(30, 5, generator=g), torch.rand(30, 5, generator=g) + 0.1
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, var.sqrt()), torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(kl_normal_standard(mean, var), expected, atol=1e-6)
