@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from distributed_je.config import load_config
-from distributed_je.counts import CountMatrix, minibatches, read_h5ad, validation_mask
+from distributed_je.counts import CountMatrix, minibatches, read_h5ad
+from distributed_je.split import validation_mask
 from distributed_je.loop import build_model, build_optimizer, evaluate, fit
 from distributed_je.seeding import numpy_generator
 

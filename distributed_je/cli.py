@@ -13,8 +13,6 @@ EXIT_BAD_INPUT = 2
 
 # Which issue builds each subcommand that does not run yet.
 NOT_BUILT = {
-    "convert": "zarr count stores (issue 3)",
-    "synth": "zarr count stores (issue 3)",
     "train": "distributed training on Ray Train (issue 4)",
     "embed": "distributed training on Ray Train (issue 4)",
     "tune": "hyperparameter search with Ray Tune + Optuna (issue 5)",
@@ -105,7 +103,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo}
+def _convert(args: argparse.Namespace) -> int:
+    from distributed_je.convert import convert
+
+    report = convert(args.src, args.dest, layer=args.layer, n_top_genes=args.n_top_genes, genes_file=args.genes,
+                     batch_key=args.batch_key, labels_key=args.labels_key, keep_empty=args.keep_empty,
+                     overwrite=args.overwrite)
+    print(f"wrote {report.dest}: {report.n_cells} cells x {report.n_genes} genes")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from distributed_je.synth import synthesize
+
+    synthesize(args.ref, args.dest, n_cells=args.cells, n_batches=args.n_batches, seed=args.seed,
+               overwrite=args.overwrite)
+    print(f"wrote {args.dest}: {args.cells} synthetic cells from {args.ref}")
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo, "convert": _convert, "synth": _synth}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,12 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in NOT_BUILT:
         print(f"dje {args.command}: not built yet; it arrives with {NOT_BUILT[args.command]}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    from distributed_je.config import ConfigError
-    from distributed_je.counts import CountsError
-
     try:
         return HANDLERS[args.command](args)
-    except (ConfigError, CountsError, KeyError, FileNotFoundError) as error:
+    except (ValueError, KeyError, FileNotFoundError) as error:  # bad input: config, counts, sources, stores
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"dje {args.command}: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

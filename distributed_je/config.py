@@ -113,6 +113,9 @@ class DataConfig(_Section):
     labels_key: str | None = None
     batch_size: int = _opt(512, low=2)
     validation_fraction: float = _opt(0.1, low=0.0, high=0.5)
+    block_rows: int = _opt(4096, low=1)
+    blocks_per_buffer: int = _opt(32, low=1)
+    densify_on_device: bool = False
 
 
 @dataclass(frozen=True)

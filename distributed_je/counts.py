@@ -6,7 +6,6 @@ small data (tests, benchmarks, evaluation sets) with the same batch format.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,17 @@ class CountMatrix:
     def n_batches(self) -> int:
         return len(self.batch_categories)
 
+    def to_anndata(self, *, batch_key: str = "batch", labels_key: str = "cell_type"):
+        """An AnnData with the counts in X and batches and labels as categorical obs columns."""
+        import anndata
+        import pandas as pd
+
+        obs = pd.DataFrame({batch_key: pd.Categorical.from_codes(self.batch_codes, categories=self.batch_categories)},
+                           index=pd.Index(self.cell_names))
+        if self.label_codes is not None:
+            obs[labels_key] = pd.Categorical.from_codes(self.label_codes, categories=self.label_categories)
+        return anndata.AnnData(X=self.counts, obs=obs, var=pd.DataFrame(index=pd.Index(self.gene_names)))
+
     def library_sizes(self) -> np.ndarray:
         return np.asarray(self.counts.sum(1)).ravel()
 
@@ -77,9 +87,10 @@ def check_counts(block: sp.csr_matrix, cell_names: Sequence[str], gene_names: Se
     value = values[position]
     problem = ("NaN" if np.isnan(value) else "infinite" if not np.isfinite(value)
                else "negative" if value < 0 else "not an integer")
+    cell, gene = str(cell_names[row_offset + row]), str(gene_names[block.indices[position]])
     raise CountsError(
-        f"X holds {value!r} ({problem}) at cell {cell_names[row_offset + row]!r} (row {row_offset + row}), "
-        f"gene {gene_names[block.indices[position]]!r}: raw UMI counts must be non-negative integers"
+        f"X holds {float(value)} ({problem}) at cell '{cell}' (row {row_offset + row}), gene '{gene}': "
+        "raw UMI counts must be non-negative integers"
     )
 
 
@@ -105,6 +116,21 @@ def read_h5ad(path: str | Path, *, batch_key: str | None = None, labels_key: str
     return matrix
 
 
+def read_store(location: str, *, batch_key: str | None = None, labels_key: str | None = None) -> CountMatrix:
+    """A whole (small) store in memory, for evaluation; training streams with ``loader.StoreLoader``."""
+    from distributed_je.store import open_store
+
+    store = open_store(location)
+    rows = store.read_rows(0, store.n_cells)
+    counts = sp.csr_matrix((rows.data.astype(np.float32), rows.indices, rows.indptr),
+                           shape=(store.n_cells, store.n_genes))
+    batch_codes, batch_categories = ((np.zeros(store.n_cells, dtype=np.int64), ["0"]) if batch_key is None
+                                     else store.obs_codes(batch_key))
+    label_codes, label_categories = (None, []) if labels_key is None else store.obs_codes(labels_key)
+    return CountMatrix(counts, np.asarray(store.cell_names(), dtype=str), store.gene_names, batch_codes,
+                       tuple(batch_categories), label_codes, tuple(label_categories))
+
+
 def _codes(obs, key: str | None, missing_allowed: bool = True) -> tuple[np.ndarray, tuple[str, ...]]:
     """Integer codes (-1 for missing) and category names of an obs column."""
     if key is None:
@@ -116,13 +142,6 @@ def _codes(obs, key: str | None, missing_allowed: bool = True) -> tuple[np.ndarr
     if not missing_allowed and (codes < 0).any():
         raise ValueError(f"obs column {key!r} has missing values in {(codes < 0).sum()} cells: every cell needs a batch")
     return codes, tuple(str(c) for c in column.cat.categories)
-
-
-def validation_mask(cell_names: Sequence[str], fraction: float) -> np.ndarray:
-    """True for held-out cells: fixed by a hash of each cell's name, so identical across runs and stores."""
-    threshold = int(fraction * 2**32)
-    digests = (hashlib.blake2b(str(name).encode(), digest_size=4).digest() for name in cell_names)
-    return np.fromiter((int.from_bytes(d, "little") < threshold for d in digests), dtype=bool, count=len(cell_names))
 
 
 def minibatches(matrix: CountMatrix, *, batch_size: int, rng: np.random.Generator | None = None,

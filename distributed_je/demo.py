@@ -1,7 +1,8 @@
-"""The main job on the embedded default: data -> JE and SCVI models -> depth response, in one process.
+"""The main job on the embedded default: data -> zarr store -> JE and SCVI models streamed from
+the store -> depth response, in one process.
 
-Later stages (a zarr store, a Ray-distributed Optuna tune, the full evaluation report) plug
-in here as they land.
+Later stages (Ray-distributed training, an Optuna tune, the full evaluation report) plug in
+here as they land.
 """
 
 from __future__ import annotations
@@ -13,58 +14,68 @@ from pathlib import Path
 import numpy as np
 
 from distributed_je.config import Config
-from distributed_je.counts import CountMatrix, minibatches, read_h5ad, validation_mask
+from distributed_je.convert import convert
+from distributed_je.counts import read_store
 from distributed_je.evaluation import depth_response
+from distributed_je.loader import StoreLoader
 from distributed_je.loop import build_model, build_optimizer, epoch_line, fit
-from distributed_je.seeding import numpy_generator
+from distributed_je.split import validation_mask
+from distributed_je.store import open_store
 from distributed_je.synthetic import synthetic_counts
 
 DEMO_VARIANTS = ("scvi", "je")
 
 
-def load_demo_data(data: str | None, *, labels_key: str | None, batch_key: str | None,
-                   n_top_genes: int | None, seed: int) -> CountMatrix:
+def build_store(data: str | None, *, labels_key: str | None, batch_key: str | None, n_top_genes: int | None,
+                out: Path, seed: int) -> Config:
+    """Convert the demo's data (a generated dataset unless ``data`` names an h5ad) into ``out/store.zarr``."""
     if data is None:
-        print("data: synthetic (3,000 cells x 1,000 genes, 6 cell types, 2 batches, depth 20 to ~20,000 UMIs)")
-        return synthetic_counts(seed=seed)
-    if labels_key is None:
+        matrix = synthetic_counts(seed=seed)
+        data = str(out / "synthetic.h5ad")
+        matrix.to_anndata().write_h5ad(data)
+        labels_key, batch_key, n_top_genes = "cell_type", "batch", None
+        print(f"data: synthetic, {matrix.n_cells:,} cells x {matrix.n_genes:,} genes, "
+              f"{len(matrix.label_categories)} cell types, {matrix.n_batches} batches, wide depth range")
+    elif labels_key is None:
         raise ValueError("--labels-key is needed with --data: the demo scores label transfer at low depth")
-    print(f"data: {data} (labels {labels_key!r}, batches {batch_key!r}, {n_top_genes} highly variable genes)")
-    return read_h5ad(data, batch_key=batch_key, labels_key=labels_key, n_top_genes=n_top_genes)
+    store = str(out / "store.zarr")
+    report = convert(data, store, n_top_genes=n_top_genes, batch_key=batch_key, labels_key=labels_key,
+                     overwrite=True, progress=False)
+    print(f"store: {store} ({report.n_cells:,} cells x {report.n_genes:,} genes)")
+    return {"data.store": store, "data.batch_key": batch_key, "data.labels_key": labels_key}
 
 
-def train_in_process(config: Config, train: CountMatrix, val: CountMatrix):
-    model = build_model(config, train.n_genes, train.n_batches)
-    optimizer = build_optimizer(model, config.optim)
-    batch_size, seed = config.data.batch_size, config.experiment.seed
-    fit(
-        model, optimizer, config=config,
-        train_batches=lambda epoch: minibatches(train, batch_size=batch_size, rng=numpy_generator(seed, 0, epoch),
-                                                drop_last=True),
-        val_batches=lambda: minibatches(val, batch_size=batch_size),
-        on_epoch_end=lambda state, metrics: print(f"  [{config.model.variant}] {epoch_line(metrics)}", flush=True),
-    )
+def train_from_store(config: Config):
+    store = open_store(config.data.store)
+    seed = config.experiment.seed
+    train = StoreLoader.from_config(store, config.data, split="train", seed=seed)
+    val = StoreLoader.from_config(store, config.data, split="val", seed=seed)
+    model = build_model(config, store.n_genes, train.n_batches_store)
+    fit(model, build_optimizer(model, config.optim), config=config, train_batches=train.epoch,
+        val_batches=lambda: val.epoch(0),
+        on_epoch_end=lambda state, metrics: print(f"  [{config.model.variant}] {epoch_line(metrics)}", flush=True))
     return model
 
 
 def run_demo(config: Config, *, data: str | None, labels_key: str | None, batch_key: str | None,
              n_top_genes: int | None, out: Path) -> dict:
-    matrix = load_demo_data(data, labels_key=labels_key, batch_key=batch_key, n_top_genes=n_top_genes,
-                            seed=config.experiment.seed)
-    held_out = validation_mask(matrix.cell_names, config.data.validation_fraction)
-    train, val = matrix.subset_cells(np.flatnonzero(~held_out)), matrix.subset_cells(np.flatnonzero(held_out))
-    print(f"{train.n_cells} training and {val.n_cells} held-out cells, {matrix.n_genes} genes")
+    out.mkdir(parents=True, exist_ok=True)
+    config = config.replace(**build_store(data, labels_key=labels_key, batch_key=batch_key,
+                                          n_top_genes=n_top_genes, out=out, seed=config.experiment.seed))
+    cells = read_store(config.data.store, batch_key=config.data.batch_key, labels_key=config.data.labels_key)
+    held_out = validation_mask(cells.cell_names, config.data.validation_fraction)
+    train, val = cells.subset_cells(np.flatnonzero(~held_out)), cells.subset_cells(np.flatnonzero(held_out))
+    print(f"{train.n_cells:,} training and {val.n_cells:,} held-out cells")
 
     report = {"config": config.to_dict(), "n_train": train.n_cells, "n_held_out": val.n_cells, "variants": {}}
     for variant in DEMO_VARIANTS:
         variant_config = config.replace(**{"model.variant": variant})
-        print(f"training {variant} for {config.train.max_epochs} epochs")
-        model = train_in_process(variant_config, train, val)
-        report["variants"][variant] = [asdict(row) for row in depth_response(model, train, val,
-                                                                             seed=config.experiment.seed)]
+        print(f"training {variant} for {config.train.max_epochs} epochs, streaming from the store")
+        model = train_from_store(variant_config)
+        rows = depth_response(model, train, val, seed=config.experiment.seed)
+        report["variants"][variant] = [asdict(row) for row in rows]
 
     print(format_depth_table(report["variants"]))
-    out.mkdir(parents=True, exist_ok=True)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(f"report: {out / 'demo_report.json'}")
     return report

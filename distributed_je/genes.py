@@ -52,9 +52,13 @@ def loess_fit(x: np.ndarray, y: np.ndarray, span: float = LOESS_SPAN) -> np.ndar
     return np.interp(x, grid, fitted)
 
 
-def highly_variable_genes(blocks: Callable[[], Iterable[sp.csr_matrix]], n_top_genes: int) -> np.ndarray:
-    """Indices (sorted) of the ``n_top_genes`` most variable genes; ``blocks()`` restarts the stream."""
-    mean, var, n_cells = gene_moments(blocks())
+def highly_variable_genes(blocks: Callable[[], Iterable[sp.csr_matrix]], n_top_genes: int,
+                          moments: tuple[np.ndarray, np.ndarray, int] | None = None) -> np.ndarray:
+    """Indices (sorted) of the ``n_top_genes`` most variable genes; ``blocks()`` restarts the stream.
+
+    ``moments`` (from ``gene_moments``) saves the first pass when the caller already made it.
+    """
+    mean, var, n_cells = moments if moments is not None else gene_moments(blocks())
     n_genes = len(mean)
     if not 1 <= n_top_genes <= n_genes:
         raise ValueError(f"n_top_genes={n_top_genes} is out of range: allowed [1, {n_genes}] for this matrix")

@@ -43,7 +43,11 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    """Move a batch to ``device``; sparse CSR counts travel compressed and are densified there."""
+    moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if moved[COUNTS].layout == torch.sparse_csr:
+        moved[COUNTS] = moved[COUNTS].to_dense()
+    return moved
 
 
 class _MetricSums:

@@ -15,7 +15,7 @@ MARKER_FRACTION = 0.05  # share of genes that mark each cell type
 INVERSE_DISPERSION = 5.0
 
 
-def synthetic_counts(n_cells: int = 3000, n_genes: int = 1000, *, n_types: int = 6, n_batches: int = 2,
+def synthetic_counts(n_cells: int = 3000, n_genes: int = 1000, *, n_types: int = 8, n_batches: int = 2,
                      median_library: float = 1500.0, log10_depth_sd: float = 0.45, seed: int = 0) -> CountMatrix:
     """Counts whose labels are cell types and whose batches scale genes; depth spans ~2 decades."""
     if n_cells < 1 or n_genes < 2 or n_types < 1 or n_batches < 1:
@@ -26,7 +26,7 @@ def synthetic_counts(n_cells: int = 3000, n_genes: int = 1000, *, n_types: int =
     n_markers = max(1, int(MARKER_FRACTION * n_genes))
     for t in range(n_types):
         fold = np.ones(n_genes)
-        fold[rng.choice(n_genes, n_markers, replace=False)] = np.exp(rng.normal(2.0, 0.5, n_markers))
+        fold[rng.choice(n_genes, n_markers, replace=False)] = np.exp(rng.normal(1.0, 0.4, n_markers))
         type_profiles[t] = base * fold
     batch_scale = np.exp(rng.normal(0.0, 0.25, (n_batches, n_genes)))
 
