@@ -16,8 +16,11 @@ $(STAMP):
 	$(PIP) -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# Real counts when this machine has them (pbmc3k, labelled), else the generated synthetic dataset.
+DEMO_DATA := $(wildcard ../shared/data/pbmc3k_labeled.h5ad)
+
 demo: $(STAMP)
-	$(VENV)/bin/dje demo tune_configs/demo.yaml
+	$(VENV)/bin/dje demo tune_configs/demo.yaml $(if $(DEMO_DATA),--data $(DEMO_DATA) --labels-key cell_type)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -13,8 +13,6 @@ EXIT_BAD_INPUT = 2
 
 # Which issue builds each subcommand that does not run yet.
 NOT_BUILT = {
-    "train": "distributed training on Ray Train (issue 4)",
-    "embed": "distributed training on Ray Train (issue 4)",
     "tune": "hyperparameter search with Ray Tune + Optuna (issue 5)",
     "evaluate": "evaluation of the paper's analyses (issue 6)",
     "compare": "evaluation of the paper's analyses (issue 6)",
@@ -122,7 +120,31 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo, "convert": _convert, "synth": _synth}
+def _train(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
+    from distributed_je.config import load_config
+    from distributed_je.training import run_training
+
+    try:
+        result = run_training(load_config(args.config, args.overrides), address=args.address)
+    except TrainingFailedError as error:
+        print(f"dje train: training failed after its restarts: {error}", file=sys.stderr)
+        return 1
+    print(f"finished after epoch {int(result.metrics['epoch'])}; latest checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from distributed_je.embed import OBSM_KEY, embed
+
+    embed(args.model, args.data, args.out)
+    print(f"wrote {args.out} with obsm[{OBSM_KEY!r}]")
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _demo, "convert": _convert, "synth": _synth, "train": _train, "embed": _embed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

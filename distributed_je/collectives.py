@@ -55,3 +55,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     values = values.detach().clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` over ranks, so that every rank takes the same decision from it."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())

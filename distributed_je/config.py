@@ -156,14 +156,29 @@ class OptimConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     max_epochs: int = _opt(100, low=1)
+    monitor_metric: str = "val_elbo"
+    monitor_mode: str = _opt("min", choices=MODES)
+    early_stopping_patience: int = _opt(0, low=0)
+    time_budget_s: float = _opt(0.0, low=0.0)
+    checkpoints_to_keep: int = _opt(2, low=1)
+    max_failures: int = _opt(3, low=-1)
+    max_preemption_failures: int = _opt(-1, low=-1)
+    preemption_grace_s: float = _opt(0.0, low=0.0)
 
 
 @dataclass(frozen=True)
 class ScalingConfig(_Section):
     num_workers: int = _opt(1, low=1)
+    min_workers: int = _opt(0, low=0)
     use_gpu: bool = False
     cpus_per_worker: float = _opt(1.0, low=0.0, low_open=True)
     placement_strategy: str = _opt("PACK", choices=PLACEMENT_STRATEGIES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_workers > self.num_workers:
+            raise ConfigError(f"scaling.min_workers={self.min_workers} is out of range: allowed "
+                              f"[0, scaling.num_workers={self.num_workers}]")
 
 
 @dataclass(frozen=True)

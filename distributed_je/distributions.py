@@ -37,7 +37,7 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 
 
 def log_likelihood(likelihood: str, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
-                   zi_logits: torch.Tensor) -> torch.Tensor:
+                   zi_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Elementwise log p(x) under ``likelihood`` in {"nb", "zinb", "poisson"}."""
     if likelihood == "nb":
         return log_nb(x, mu, theta)

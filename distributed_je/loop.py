@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from distributed_je.collectives import all_reduce_sum
+from distributed_je.collectives import all_reduce_max, all_reduce_sum
 from distributed_je.config import Config, LossConfig, OptimConfig
 from distributed_je.keys import COUNTS
 from distributed_je.module import JESCVI, LossOutput
@@ -92,7 +93,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     start = time.perf_counter()
     for batch in batches:
         batch = _to_device(batch, device)
-        out = model(batch, kl_weight=kl_weight_at(state.step, config.loss), generator=generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(batch, kl_weight=kl_weight_at(state.step, config.loss), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -123,7 +125,8 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], *, config: Config, rank
     sums = _MetricSums(device)
     for batch in batches:
         batch = _to_device(batch, device)
-        sums.add(model(batch, generator=generator), batch[COUNTS].shape[0])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            sums.add(model(batch, generator=generator), batch[COUNTS].shape[0])
     model.train(was_training)
     return sums.means(prefix)
 
@@ -138,6 +141,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
     the state and that epoch's metrics (logging, checkpoints, reporting).
     """
     state = state or TrainState()
+    started = time.monotonic()
     while state.epoch < config.train.max_epochs:
         metrics = train_epoch(model, optimizer, train_batches(state.epoch), state=state, config=config,
                               rank=rank, device=device)
@@ -147,7 +151,28 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
         state.history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
+        reason = stop_reason(state, config, seconds=all_reduce_max(time.monotonic() - started))
+        if reason:
+            if rank == 0:
+                print(f"stopping after epoch {state.epoch}: {reason}", flush=True)
+            break
     return state
+
+
+def stop_reason(state: TrainState, config: Config, *, seconds: float) -> str | None:
+    """Why training should stop now (the same answer on every rank: metrics and time are global)."""
+    train = config.train
+    if train.time_budget_s and seconds >= train.time_budget_s:
+        return f"time budget of {train.time_budget_s:g} s spent"
+    if train.early_stopping_patience:
+        values = [m[train.monitor_metric] for m in state.history if train.monitor_metric in m]
+        if not values:
+            raise KeyError(f"train.monitor_metric={train.monitor_metric!r} is not among the metrics; "
+                           f"available: {', '.join(sorted(state.history[-1]))}")
+        best = int(np.argmin(values) if train.monitor_mode == "min" else np.argmax(values))
+        if len(values) - 1 - best >= train.early_stopping_patience:
+            return f"{train.monitor_metric} has not improved for {train.early_stopping_patience} epochs"
+    return None
 
 
 def epoch_line(metrics: dict[str, float]) -> str:

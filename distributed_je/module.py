@@ -65,7 +65,7 @@ class JESCVI(nn.Module):
         )
         self.decoder = Decoder(
             model.n_latent, n_genes, n_hidden=model.n_hidden, n_layers=model.n_layers,
-            n_batches=n_injected, dispersion=model.dispersion,
+            n_batches=n_injected, dispersion=model.dispersion, zero_inflated=model.likelihood == "zinb",
         )
 
     def _one_hot(self, batch_index: torch.Tensor | None, n_cells: int, device: torch.device) -> torch.Tensor:

@@ -47,28 +47,30 @@ class Encoder(nn.Module):
 
     def forward(self, counts: torch.Tensor, batch_one_hot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(torch.log1p(counts), batch_one_hot)
-        return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
+        # float32 out of any autocast region: the KL and the likelihood need the precision
+        return self.mean(h).float(), torch.exp(self.log_var(h).float()) + VAR_EPS
 
 
 class Decoder(nn.Module):
     """p(x | z, library, batch): softmax gene proportions times the observed library size."""
 
     def __init__(self, n_latent: int, n_genes: int, *, n_hidden: int, n_layers: int, n_batches: int,
-                 dispersion: str) -> None:
+                 dispersion: str, zero_inflated: bool) -> None:
         super().__init__()
         self.body = FCLayers(n_latent, n_hidden, n_batches=n_batches, n_layers=n_layers, dropout_rate=0.0)
         self.scale = nn.Linear(n_hidden, n_genes)
-        self.zi_logits = nn.Linear(n_hidden, n_genes)
+        # only where used: DDP fails on parameters that get no gradient
+        self.zi_logits = nn.Linear(n_hidden, n_genes) if zero_inflated else None
         n_dispersions = n_batches if dispersion == "gene-batch" else 1
         self.log_theta = nn.Parameter(torch.randn(n_dispersions, n_genes))
 
     def forward(self, z: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None,
-                batch_one_hot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return the NB mean (n_cells, n_genes), inverse dispersion and zero-inflation logits."""
+                batch_one_hot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return the NB mean (n_cells, n_genes), inverse dispersion and zero-inflation logits (or None)."""
         h = self.body(z, batch_one_hot)
         mu = library * F.softmax(self.scale(h), dim=-1)
         if self.log_theta.shape[0] > 1:
             theta = torch.exp(self.log_theta)[batch_index]
         else:
             theta = torch.exp(self.log_theta).expand_as(mu)
-        return mu, theta, self.zi_logits(h)
+        return mu, theta, None if self.zi_logits is None else self.zi_logits(h)

@@ -1,0 +1,159 @@
+"""Training throughput: steady-state cells/s (loader included) of our `scvi` and `je` variants
+against scvi-tools 1.4.2 SCVI, same architecture (1 x 128, n_latent 10, NB) and data.
+
+Data: pbmc3k (2,000 seurat_v3 genes) and a 1M-cell synthetic store made from it. For each
+tool and batch size, two runs of W and W+M optimizer steps are timed whole and subtracted,
+which removes start-up (Lightning set-up, loader warm-up) and leaves M steady steps. Each run
+is its own process with 1 torch thread pinned to one core; peak RSS is VmHWM. Then Ray Train
+with 1 and 2 workers (1 CPU each) for one epoch of a 100k-cell synthetic store.
+
+    .venv/bin/python benchmarks/train_throughput.py          (needs `make bench-env`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from loader_throughput import peak_rss_mb, prepare  # noqa: E402  (same stores as the loader benchmark)
+
+WARM_STEPS = 10
+
+
+def ours(store: str, variant: str, batch_size: int, steps: int) -> dict:
+    import itertools
+
+    import torch
+
+    from distributed_je.config import load_config
+    from distributed_je.loader import StoreLoader
+    from distributed_je.loop import TrainState, build_model, build_optimizer, train_epoch
+    from distributed_je.store import open_store
+
+    torch.set_num_threads(1)
+    config = load_config(None, [f"model.variant={variant}", f"data.batch_size={batch_size}"])
+    s = open_store(store)
+    loader = StoreLoader.from_config(s, config.data, split="all", seed=0)
+    model = build_model(config, s.n_genes, 1)
+    optimizer = build_optimizer(model, config.optim)
+
+    def batches():
+        for epoch in itertools.count():
+            yield from loader.epoch(epoch)
+    start = time.perf_counter()
+    train_epoch(model, optimizer, itertools.islice(batches(), steps), state=TrainState(), config=config)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
+def scvi_tools(h5ad: str, batch_size: int, steps: int) -> dict:
+    import anndata
+    import scvi
+    import torch
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = 0
+    scvi.settings.dl_num_workers = 0
+    adata = anndata.read_h5ad(h5ad)
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="nb")
+    start = time.perf_counter()
+    model.train(max_epochs=10**6, max_steps=steps, batch_size=batch_size, train_size=1.0, accelerator="cpu",
+                devices=1, enable_progress_bar=False, early_stopping=False, enable_checkpointing=False,
+                logger=False, plan_kwargs={"n_epochs_kl_warmup": None, "n_steps_kl_warmup": 2000})
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
+def ray_workers(store: str, workers: int, tmp: str) -> dict:
+    import ray
+
+    from distributed_je.config import load_config
+    from distributed_je.training import run_training
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = load_config(None, [f"data.store={store}", f"scaling.num_workers={workers}", "train.max_epochs=1",
+                                f"data.batch_size={512 // workers}", f"experiment.storage_path={tmp}",
+                                f"experiment.name=ray{workers}", "data.validation_fraction=0.0"])
+    result = run_training(config)
+    return {"cells_per_s": result.metrics["cells_per_second"]}
+
+
+def child(argv: list[str]) -> dict:
+    cmd = ["taskset", "-c", "0" if argv[0] != "ray" else "0,1", sys.executable, __file__, "--one", json.dumps(argv)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def steady(tool: str, data: str, batch_size: int, steps: int, variant: str = "") -> dict:
+    """Cells/s over ``steps`` steady steps: the difference of a long and a short run."""
+    args = [tool, data, str(batch_size)] + ([variant] if variant else [])
+    short, long = child(args + [str(WARM_STEPS)]), child(args + [str(WARM_STEPS + steps)])
+    return {"cells_per_s": steps * batch_size / (long["seconds"] - short["seconds"]),
+            "peak_rss_mb": long["peak_rss_mb"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dje_loader_bench"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 4096])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        argv = json.loads(args.one)
+        if argv[0] == "ours":
+            print(json.dumps(ours(argv[1], argv[3], int(argv[2]), int(argv[4]))))
+        elif argv[0] == "scvi-tools":
+            print(json.dumps(scvi_tools(argv[1], int(argv[2]), int(argv[3]))))
+        else:
+            print(json.dumps(ray_workers(argv[1], int(argv[2]), argv[3])))
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    pbmc_store, pbmc_h5ad = str(args.work / "pbmc3k_2000.zarr"), str(args.work / "pbmc3k_2000.h5ad")
+    prepare(args.work, 1_000_000)
+    ray_store, _ = prepare(args.work, 100_000)
+    if not Path(pbmc_h5ad).exists():
+        import anndata
+
+        anndata.read_zarr(pbmc_store).write_h5ad(pbmc_h5ad)
+    atlas_store, atlas_h5ad = str(args.work / "synth_1000000.zarr"), str(args.work / "synth_1000000.h5ad")
+
+    rows = []
+    for name, store, h5ad in (("pbmc3k", pbmc_store, pbmc_h5ad), ("synthetic 1M", atlas_store, atlas_h5ad)):
+        for batch_size in args.batch_sizes:
+            steps = max(8, args.steps * 128 // batch_size)
+            result = {"scvi": steady("ours", store, batch_size, steps, "scvi"),
+                      "je": steady("ours", store, batch_size, steps, "je"),
+                      "scvi-tools": steady("scvi-tools", h5ad, batch_size, steps)}
+            rows.append((name, batch_size, result))
+            print(f"  {name} batch {batch_size}: {result}", file=sys.stderr, flush=True)
+
+    print("\n| data | batch | ours scvi cells/s | ours je cells/s | scvi-tools SCVI cells/s | scvi / scvi-tools | je cost per cell vs scvi | peak RSS MB (scvi / je / scvi-tools) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch_size, r in rows:
+        s, j, t = (r[k]["cells_per_s"] for k in ("scvi", "je", "scvi-tools"))
+        rss = " / ".join(f"{r[k]['peak_rss_mb']:.0f}" for k in ("scvi", "je", "scvi-tools"))
+        print(f"| {name} | {batch_size} | {s:,.0f} | {j:,.0f} | {t:,.0f} | {s / t:.2f}x | {s / j:.2f}x | {rss} |")
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ray_rows = {w: child(["ray", ray_store, str(w), tmp])["cells_per_s"] for w in (1, 2)}
+    print("\n| Ray Train workers (1 CPU each, global batch 512, synthetic 100k, one epoch) | cells/s | vs 1 worker |")
+    print("|---|---|---|")
+    for w, c in ray_rows.items():
+        print(f"| {w} | {c:,.0f} | {c / ray_rows[1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Ray Train: the per-worker function and the driver that builds the ``TorchTrainer``.
+
+The worker wraps the plain loop (``loop.fit``): it builds its loader shard and the model,
+restores the latest checkpoint when there is one, wraps the model in DDP, and at each
+epoch's end reports the global metrics with a checkpoint written by rank 0. Plain training
+(``dje train``) and tuning call the same ``run_training``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from distributed_je.config import Config
+
+def train_worker(config_dict: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from distributed_je.artifact import load_training_state, save_checkpoint
+    from distributed_je.loader import StoreLoader
+    from distributed_je.loop import build_model, build_optimizer, epoch_line, fit
+    from distributed_je.store import open_store
+
+    config = Config.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    seed = config.experiment.seed
+    store = open_store(config.data.store)
+    train = StoreLoader.from_config(store, config.data, split="train", seed=seed, rank=rank, world_size=world_size)
+    val = StoreLoader.from_config(store, config.data, split="val", seed=seed, rank=rank, world_size=world_size)
+    model = build_model(config, store.n_genes, train.n_batches_store).to(device)
+    optimizer = build_optimizer(model, config.optim)
+    batch_categories = store.obs_codes(config.data.batch_key, 0, 1)[1] if config.data.batch_key else ["0"]
+
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(directory, model, optimizer)
+        if rank == 0:
+            print(f"resuming from the checkpoint after epoch {state.epoch}", flush=True)
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    def on_epoch_end(state, metrics):
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0:  # side effects on rank 0 only; every rank reports the same metrics
+                save_checkpoint(directory, model=model, optimizer=optimizer, state=state, config=config,
+                                gene_names=store.gene_names, batch_categories=batch_categories)
+                saved = ray.train.Checkpoint.from_directory(directory)
+                print(epoch_line(metrics), flush=True)
+            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{state.epoch:05d}")
+
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    fit(ddp_model, optimizer, config=config, train_batches=train.epoch, val_batches=lambda: val.epoch(0),
+        state=state, rank=rank, device=device, on_epoch_end=on_epoch_end)
+
+
+def run_training(config: Config, *, address: str | None = None):
+    """Train with Ray Train on a local Ray (no address) or the cluster at ``address``/$RAY_ADDRESS.
+
+    Running again with the same experiment name and storage path resumes from the latest
+    checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not config.data.store:
+        raise ValueError("data.store is empty: give the zarr store to train on (dje convert makes one)")
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
+    storage_path = config.experiment.storage_path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    scaling, train = config.scaling, config.train
+    workers = (scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement_strategy),
+        run_config=RunConfig(
+            name=config.experiment.name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep,
+                                               checkpoint_score_attribute=train.monitor_metric,
+                                               checkpoint_score_order=train.monitor_mode),
+            failure_config=FailureConfig(max_failures=train.max_failures,
+                                         max_preemption_failures=train.max_preemption_failures,
+                                         preemption_grace_s=train.preemption_grace_s),
+        ),
+    )
+    return trainer.fit()
