@@ -69,8 +69,9 @@ class Decoder(nn.Module):
         """Return the NB mean (n_cells, n_genes), inverse dispersion and zero-inflation logits (or None)."""
         h = self.body(z, batch_one_hot)
         mu = library * F.softmax(self.scale(h), dim=-1)
-        if self.log_theta.shape[0] > 1:
-            theta = torch.exp(self.log_theta)[batch_index]
-        else:
-            theta = torch.exp(self.log_theta).expand_as(mu)
+        # per-gene dispersion stays (1, n_genes) and broadcasts: lgamma(theta) is then taken once
+        # per gene, not once per cell and gene
+        theta = torch.exp(self.log_theta)
+        if theta.shape[0] > 1:
+            theta = theta[batch_index]
         return mu, theta, None if self.zi_logits is None else self.zi_logits(h)
