@@ -22,9 +22,9 @@ import torch
 
 from distributed_je.config import load_config
 from distributed_je.counts import CountMatrix, minibatches, read_h5ad
-from distributed_je.split import validation_mask
 from distributed_je.loop import build_model, build_optimizer, evaluate, fit
 from distributed_je.seeding import numpy_generator
+from distributed_je.split import validation_mask
 
 PBMC3K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pbmc3k_labeled.h5ad"
 BATCH_SIZE = 128

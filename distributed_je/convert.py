@@ -82,7 +82,9 @@ def convert(src: str | Path, dest: str, *, layer: str | None = None, n_top_genes
     _check_names(source)
     obs = _prepare_obs(source.obs, batch_key, labels_key)
     cell_names = source.obs.index.to_numpy(dtype=str)
-    bar = lambda desc: tqdm(total=source.n_cells, desc=desc, unit=" cells", disable=not progress, file=sys.stderr)
+
+    def bar(desc: str) -> tqdm:
+        return tqdm(total=source.n_cells, desc=desc, unit=" cells", disable=not progress, file=sys.stderr)
 
     largest = [0.0]
 

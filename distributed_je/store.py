@@ -15,7 +15,6 @@ Any fsspec URL works (local path, file://, s3://, gs://, memory://).
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import uuid
@@ -237,6 +236,7 @@ class CountStore:
         self.gene_names = np.asarray(attrs["genes"], dtype=str)
         x = self.group["X"]
         self._data, self._indices, self._indptr = x["data"], x["indices"], x["indptr"]
+        self._obs_cache: dict[str, zarr.Array | tuple[zarr.Array, list[str]]] = {}
 
     def read_rows(self, start: int, stop: int) -> RowBlock:
         indptr = self._indptr[start : stop + 1]
@@ -248,15 +248,16 @@ class CountStore:
     def obs_columns(self) -> list[str]:
         return list(self.group["obs"].attrs.get("column-order", []))
 
-    @functools.cache
     def _obs_element(self, column: str) -> zarr.Array | tuple[zarr.Array, list[str]]:
         """An obs column's array, or a categorical's (codes, categories); cached: opening reads metadata."""
-        if column not in self.obs_columns:
-            raise KeyError(f"obs column {column!r} does not exist; available: {', '.join(self.obs_columns)}")
-        element = self.group["obs"][column]
-        if isinstance(element, zarr.Group):  # anndata encodes a categorical as codes + categories
-            return element["codes"], [str(c) for c in element["categories"][:]]
-        return element
+        if column not in self._obs_cache:
+            if column not in self.obs_columns:
+                raise KeyError(f"obs column {column!r} does not exist; available: {', '.join(self.obs_columns)}")
+            element = self.group["obs"][column]
+            if isinstance(element, zarr.Group):  # anndata encodes a categorical as codes + categories
+                element = (element["codes"], [str(c) for c in element["categories"][:]])
+            self._obs_cache[column] = element
+        return self._obs_cache[column]
 
     def obs_codes(self, column: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, list[str]]:
         """Integer codes (-1 for missing) and category names of a categorical obs column."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distributed_je.config import Config
 
+
 def train_worker(config_dict: dict) -> None:
     """Runs in every Ray Train worker."""
     import ray.train

@@ -3,8 +3,8 @@ import pytest
 import scipy.sparse as sp
 
 from distributed_je.counts import CountsError, check_counts, minibatches, read_h5ad
-from distributed_je.split import validation_mask
 from distributed_je.keys import BATCH_INDEX, COUNTS, LABELS
+from distributed_je.split import validation_mask
 from distributed_je.synthetic import synthetic_counts
 
 CELLS = [f"c{i}" for i in range(3)]

@@ -16,10 +16,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.data]
 
 def test_losing_a_worker_node_recovers_from_the_latest_checkpoint(tmp_path):
     import ray
+    from conftest import shared_data
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    from conftest import shared_data
     from distributed_je.training import run_training
 
     store = str(tmp_path / "pbmc3k.zarr")

@@ -64,8 +64,8 @@ def test_validation_pass_covers_every_held_out_cell_once(store_and_counts, world
     store, _, names = store_and_counts
     held_out = set(np.flatnonzero(validation_mask(names, 0.1)))
     loaders = [loader(store, split="val", rank=r, world_size=world_size) for r in range(world_size)]
-    assert len({len(l) for l in loaders}) == 1
-    cells = np.concatenate([cells_of(l.epoch(0)) for l in loaders])
+    assert len({len(shard) for shard in loaders}) == 1
+    cells = np.concatenate([cells_of(shard.epoch(0)) for shard in loaders])
     assert sorted(cells) == sorted(held_out)
 
 

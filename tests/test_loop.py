@@ -1,5 +1,3 @@
-import numpy as np
-import pytest
 
 from distributed_je.config import load_config
 from distributed_je.counts import minibatches
@@ -23,8 +21,9 @@ def test_derived_seeds_differ_by_rank_epoch_and_stream():
 def _train(config, matrix, state=None):
     model = build_model(config, matrix.n_genes, matrix.n_batches)
     optimizer = build_optimizer(model, config.optim)
-    batches = lambda e: minibatches(matrix, batch_size=64, rng=numpy_generator(config.experiment.seed, 0, e),
-                                    drop_last=True)
+
+    def batches(epoch):
+        return minibatches(matrix, batch_size=64, rng=numpy_generator(config.experiment.seed, 0, epoch), drop_last=True)
     return fit(model, optimizer, config=config, train_batches=batches,
                val_batches=lambda: minibatches(matrix, batch_size=64), state=state)
 

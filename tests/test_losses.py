@@ -1,10 +1,10 @@
 import pytest
 import torch
+from gloo import run_gloo
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_je.losses import cross_correlation_loss
-from gloo import run_gloo
 
 N_CELLS, N_LATENT, LAMBDA = 64, 6, 0.01
 

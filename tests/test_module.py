@@ -4,11 +4,11 @@ import torch
 
 from distributed_je.config import ConfigError, load_config
 from distributed_je.counts import minibatches, read_h5ad
-from distributed_je.split import validation_mask
 from distributed_je.keys import BATCH_INDEX, COUNTS
 from distributed_je.loop import build_model, build_optimizer, evaluate, fit
 from distributed_je.module import LossWeights
 from distributed_je.seeding import numpy_generator
+from distributed_je.split import validation_mask
 from distributed_je.synthetic import synthetic_counts
 
 

@@ -10,8 +10,8 @@ import scipy.sparse as sp
 from distributed_je.convert import convert
 from distributed_je.counts import CountsError
 from distributed_je.sources import SourceError
-from distributed_je.store import LIBRARY_SIZE, NAME_HASH, StoreError, StoreWriter, open_store
 from distributed_je.split import name_hashes
+from distributed_je.store import LIBRARY_SIZE, NAME_HASH, StoreError, StoreWriter, open_store
 
 
 def small_counts(n_cells=40, n_genes=12, seed=0):
