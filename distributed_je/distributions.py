@@ -7,6 +7,7 @@ zero-inflation probability.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,33 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     )
 
 
+def nb_nll_per_cell(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """-sum over genes of log_nb, per cell: shape (n_cells,). Equal to ``-log_nb(...).sum(-1)``.
+
+    Every term but theta * log(theta / (theta + mu)) vanishes where x = 0, which is most of a
+    count matrix (~90% after gene selection), so those terms are taken at the non-zeros only:
+    the gamma functions and their digamma gradients were most of a training step's time.
+    """
+    log_theta_mu = torch.log(theta + mu + EPS)
+    dense = (theta * (torch.log(theta + EPS) - log_theta_mu)).sum(-1)  # the only term that is not 0 at x = 0
+    rows, cols = nonzero_indices(x)
+    counts = x[rows, cols]
+    theta_nz = theta.expand_as(x)[rows, cols]
+    sparse = (counts * (torch.log(mu[rows, cols] + EPS) - log_theta_mu[rows, cols])
+              + torch.lgamma(counts + theta_nz) - torch.lgamma(theta_nz) - torch.lgamma(counts + 1))
+    return -(dense + torch.zeros_like(dense).index_add(0, rows, sparse))
+
+
+def nonzero_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the non-zeros of a dense 2-D tensor, in row-major order."""
+    flat = x.contiguous().view(-1)
+    if x.device.type == "cpu":  # numpy finds the non-zeros ~10x faster than torch's CPU nonzero
+        positions = torch.from_numpy(np.flatnonzero(flat.detach().numpy()))
+    else:
+        positions = flat.nonzero().squeeze(1)
+    return positions // x.shape[1], positions % x.shape[1]
+
+
 def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
     log_pi = -F.softplus(-zi_logits)  # log P(structural zero)
     log_not_pi = -F.softplus(zi_logits)
@@ -34,6 +62,14 @@ def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: 
 
 def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return x * torch.log(mu + EPS) - mu - torch.lgamma(x + 1)
+
+
+def reconstruction_nll(likelihood: str, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
+                       zi_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-likelihood of each cell's counts, summed over genes: shape (n_cells,)."""
+    if likelihood == "nb":
+        return nb_nll_per_cell(x, mu, theta)
+    return -log_likelihood(likelihood, x, mu, theta, zi_logits).sum(-1)
 
 
 def log_likelihood(likelihood: str, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,

@@ -15,7 +15,7 @@ from torch import nn
 
 from distributed_je.augment import binomial_thin, sample_thinning_probability
 from distributed_je.config import AugmentConfig, LossConfig, ModelConfig
-from distributed_je.distributions import kl_normal_standard, log_likelihood
+from distributed_je.distributions import kl_normal_standard, reconstruction_nll
 from distributed_je.keys import BATCH_INDEX, COUNTS
 from distributed_je.losses import cross_correlation_loss
 from distributed_je.nn import Decoder, Encoder
@@ -98,7 +98,7 @@ class JESCVI(nn.Module):
         z = self._sample(q_mean, q_var, generator)
 
         mu, theta, zi_logits = self.decoder(z, library, batch_index, one_hot)
-        recon_nll = -log_likelihood(self.model_config.likelihood, counts, mu, theta, zi_logits).sum(-1).mean()
+        recon_nll = reconstruction_nll(self.model_config.likelihood, counts, mu, theta, zi_logits).mean()
         kl = kl_normal_standard(q_mean, q_var).mean()
 
         cco = torch.zeros((), device=counts.device)

@@ -31,7 +31,7 @@ def train_worker(config_dict: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     seed = config.experiment.seed
-    store = open_store(config.data.store)
+    store = open_store(os.path.expandvars(config.data.store))
     train = StoreLoader.from_config(store, config.data, split="train", seed=seed, rank=rank, world_size=world_size)
     val = StoreLoader.from_config(store, config.data, split="val", seed=seed, rank=rank, world_size=world_size)
     model = build_model(config, store.n_genes, train.n_batches_store).to(device)
@@ -76,7 +76,7 @@ def run_training(config: Config, *, address: str | None = None):
         raise ValueError("data.store is empty: give the zarr store to train on (dje convert makes one)")
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
-    storage_path = config.experiment.storage_path
+    storage_path = os.path.expandvars(config.experiment.storage_path)  # e.g. ${DJE_STORAGE_PATH}/runs
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
     scaling, train = config.scaling, config.train

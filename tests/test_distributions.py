@@ -53,3 +53,21 @@ def test_kl_to_standard_normal_matches_torch():
     expected = torch.distributions.kl_divergence(
         torch.distributions.Normal(mean, var.sqrt()), torch.distributions.Normal(0.0, 1.0)).sum(-1)
     assert torch.allclose(kl_normal_standard(mean, var), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_cell_theta", [False, True])
+def test_nb_nll_per_cell_equals_the_dense_sum_with_gradients(per_cell_theta):
+    from distributed_je.distributions import nb_nll_per_cell
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(20, 30, generator=g) * 2, generator=g).double()
+    mu = (torch.rand(20, 30, generator=g).double() * 5 + 0.1).requires_grad_()
+    shape = (20, 30) if per_cell_theta else (1, 30)
+    theta = (torch.rand(shape, generator=g).double() * 3 + 0.1).requires_grad_()
+    fast = nb_nll_per_cell(x, mu, theta)
+    dense = -log_nb(x, mu, theta).sum(-1)
+    assert torch.allclose(fast, dense, atol=1e-9)
+    fast_grads = torch.autograd.grad(fast.sum(), (mu, theta))
+    dense_grads = torch.autograd.grad(dense.sum(), (mu, theta))
+    for a, b in zip(fast_grads, dense_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
