@@ -71,6 +71,26 @@ def _prepare_obs(obs: pd.DataFrame, batch_key: str | None, labels_key: str | Non
     return obs
 
 
+def _validation_pass(source: Source, cell_names: np.ndarray, progress: tqdm):
+    """Check every value; return the gene moments (None for a single cell) and the largest count."""
+    largest = 0.0
+
+    def validated_blocks() -> Iterator[sp.csr_matrix]:
+        nonlocal largest
+        with progress:
+            for start, block in source.blocks():
+                check_counts(block, cell_names, source.gene_names, row_offset=start)
+                largest = max(largest, float(block.data.max())) if block.nnz else largest
+                progress.update(block.shape[0])
+                yield block
+
+    if source.n_cells < 2:
+        for _ in validated_blocks():
+            pass
+        return None, largest
+    return gene_moments(validated_blocks()), largest
+
+
 def convert(src: str | Path, dest: str, *, layer: str | None = None, n_top_genes: int | None = None,
             genes_file: Path | None = None, batch_key: str | None = None, labels_key: str | None = None,
             keep_empty: bool = False, overwrite: bool = False, progress: bool = True) -> ConversionReport:
@@ -86,21 +106,8 @@ def convert(src: str | Path, dest: str, *, layer: str | None = None, n_top_genes
     def bar(desc: str) -> tqdm:
         return tqdm(total=source.n_cells, desc=desc, unit=" cells", disable=not progress, file=sys.stderr)
 
-    largest = [0.0]
-
-    def validated_blocks() -> Iterator[sp.csr_matrix]:
-        with bar("validate") as pbar:
-            for start, block in source.blocks():
-                check_counts(block, cell_names, source.gene_names, row_offset=start)
-                if block.nnz:
-                    largest[0] = max(largest[0], float(block.data.max()))
-                pbar.update(block.shape[0])
-                yield block
-
-    moments = gene_moments(validated_blocks()) if source.n_cells > 1 else None
-    if moments is None:
-        list(validated_blocks())
-    if largest[0] == 0:
+    moments, largest = _validation_pass(source, cell_names, bar("validate"))
+    if largest == 0:
         raise CountsError(f"the matrix is empty: all {source.n_cells} cells have zero counts")
 
     if n_top_genes is not None:
@@ -119,7 +126,7 @@ def convert(src: str | Path, dest: str, *, layer: str | None = None, n_top_genes
         selection = {"method": "all"}
 
     n_dropped = 0
-    with StoreWriter(dest, gene_names=source.gene_names[genes], max_count=largest[0], overwrite=overwrite) as writer:
+    with StoreWriter(dest, gene_names=source.gene_names[genes], max_count=largest, overwrite=overwrite) as writer:
         with bar("write") as pbar:
             for start, block in source.blocks():
                 block = block[:, genes].tocsr()

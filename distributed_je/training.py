@@ -33,7 +33,8 @@ def train_worker(config_dict: dict) -> None:
     seed = config.experiment.seed
     store = open_store(os.path.expandvars(config.data.store))
     train = StoreLoader.from_config(store, config.data, split="train", seed=seed, rank=rank, world_size=world_size)
-    val = StoreLoader.from_config(store, config.data, split="val", seed=seed, rank=rank, world_size=world_size)
+    val = (StoreLoader.from_config(store, config.data, split="val", seed=seed, rank=rank, world_size=world_size)
+           if config.data.validation_fraction > 0 else None)
     model = build_model(config, store.n_genes, train.n_batches_store).to(device)
     optimizer = build_optimizer(model, config.optim)
     batch_categories = store.obs_codes(config.data.batch_key, 0, 1)[1] if config.data.batch_key else ["0"]
@@ -58,7 +59,8 @@ def train_worker(config_dict: dict) -> None:
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{state.epoch:05d}")
 
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    fit(ddp_model, optimizer, config=config, train_batches=train.epoch, val_batches=lambda: val.epoch(0),
+    fit(ddp_model, optimizer, config=config, train_batches=train.epoch,
+        val_batches=lambda: val.epoch(0) if val is not None else iter(()),
         state=state, rank=rank, device=device, on_epoch_end=on_epoch_end)
 
 
