@@ -59,9 +59,6 @@ class CountMatrix:
             obs[labels_key] = pd.Categorical.from_codes(self.label_codes, categories=self.label_categories)
         return anndata.AnnData(X=self.counts, obs=obs, var=pd.DataFrame(index=pd.Index(self.gene_names)))
 
-    def library_sizes(self) -> np.ndarray:
-        return np.asarray(self.counts.sum(1)).ravel()
-
     def subset_genes(self, gene_indices: np.ndarray) -> CountMatrix:
         return _replace(self, counts=self.counts[:, gene_indices].tocsr(), gene_names=self.gene_names[gene_indices])
 

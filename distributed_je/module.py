@@ -30,9 +30,6 @@ class LossOutput(NamedTuple):
     cco: torch.Tensor        # cross-correlation loss between z and z* (0 for scvi, thinning_only)
     elbo: torch.Tensor       # recon_nll + kl: the negative ELBO per cell, with no weights
 
-    def metrics(self) -> dict[str, float]:
-        return {name: float(value.detach()) for name, value in self._asdict().items()}
-
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
