@@ -79,7 +79,10 @@ class TrainedModel:
         return self.module.encode(torch.as_tensor(dense, dtype=torch.float32), torch.as_tensor(batch_codes)).numpy()
 
     def latent_blocks(self, data, *, block_rows: int = 8192):
-        """(start, stop, latent) over the rows of an AnnData, an h5ad path or a store path, in blocks."""
+        """(start, counts, latent) per block of rows of an AnnData, an h5ad path or a store path.
+
+        ``counts`` is the block as read (CSR, the data's own genes), for callers that also copy it.
+        """
         import anndata
 
         from distributed_je.store import open_store
@@ -97,7 +100,7 @@ class TrainedModel:
                 stop = min(start + block_rows, store.n_cells)
                 block = store.read_rows(start, stop)
                 counts = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(stop - start, store.n_genes))
-                yield start, stop, self.encode(counts[:, columns], self.batch_codes(batches[start:stop]))
+                yield start, counts, self.encode(counts[:, columns], self.batch_codes(batches[start:stop]))
             return
         if isinstance(data, (str, os.PathLike)):
             data = anndata.read_h5ad(data, backed="r")
@@ -105,8 +108,8 @@ class TrainedModel:
         batches = data.obs[batch_key].to_numpy() if batch_key else np.zeros(data.n_obs)
         for start in range(0, data.n_obs, block_rows):
             stop = min(start + block_rows, data.n_obs)
-            counts = sp.csr_matrix(data.X[start:stop])[:, columns]
-            yield start, stop, self.encode(counts, self.batch_codes(batches[start:stop]))
+            counts = sp.csr_matrix(data.X[start:stop])
+            yield start, counts, self.encode(counts[:, columns], self.batch_codes(batches[start:stop]))
 
     def get_latent_representation(self, data) -> np.ndarray:
         """Posterior means (n_cells, n_latent) of an AnnData, an h5ad path or a store path, genes aligned by name."""

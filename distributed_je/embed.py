@@ -40,8 +40,8 @@ def embed_h5ad(model: TrainedModel, src: Path, tmp: Path) -> None:
     try:
         with h5py.File(tmp, "r+") as f:
             latent = _new_latent(f, adata.n_obs, model.module.model_config.n_latent)
-            for start, stop, values in model.latent_blocks(adata, block_rows=EMBED_BLOCK_ROWS):
-                latent[start:stop] = values
+            for start, _, values in model.latent_blocks(adata, block_rows=EMBED_BLOCK_ROWS):
+                latent[start : start + len(values)] = values
     finally:
         adata.file.close()
 
@@ -65,17 +65,15 @@ def embed_store(model: TrainedModel, location: str, tmp: Path) -> None:
         data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 16,))
         indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,))
         indptr = [np.zeros(1, dtype=np.int64)]
-        for start in range(0, store.n_cells, EMBED_BLOCK_ROWS):
-            block = store.read_rows(start, min(start + EMBED_BLOCK_ROWS, store.n_cells))
-            nnz = len(data)
-            data.resize((nnz + len(block.data),))
-            indices.resize((nnz + len(block.data),))
-            data[nnz:], indices[nnz:] = block.data, block.indices
-            indptr.append(block.indptr[1:] + nnz)
-        x.create_dataset("indptr", data=np.concatenate(indptr))
         latent = _new_latent(f, store.n_cells, model.module.model_config.n_latent)
-        for start, stop, values in model.latent_blocks(location, block_rows=EMBED_BLOCK_ROWS):
-            latent[start:stop] = values
+        for start, counts, values in model.latent_blocks(location, block_rows=EMBED_BLOCK_ROWS):
+            nnz = len(data)
+            data.resize((nnz + counts.nnz,))
+            indices.resize((nnz + counts.nnz,))
+            data[nnz:], indices[nnz:] = counts.data, counts.indices
+            indptr.append(counts.indptr[1:] + nnz)
+            latent[start : start + len(values)] = values
+        x.create_dataset("indptr", data=np.concatenate(indptr))
 
 
 def embed(model_path: str, data: str, out: str) -> None:

@@ -98,14 +98,12 @@ class StoreLoader:
         self.dense, self.with_rows = dense, with_rows
         self.shuffle = split == "train" if shuffle is None else shuffle  # validation passes keep store order
         self.batch_key, self.labels_key = batch_key, labels_key
-        self.n_batches_store = 1
-        if batch_key is not None:
-            self.n_batches_store = len(store.obs_codes(batch_key, 0, 1)[1])
+        self.n_batches_store = len(store.categories(batch_key)) if batch_key is not None else 1
         self.threshold = validation_threshold(validation_fraction)
         self.n_blocks = math.ceil(store.n_cells / block_rows)
         self.block_counts = self._count_split_cells()
         self.n_split_cells = int(self.block_counts.sum())
-        share = self.n_split_cells // world_size  # the smallest share
+        share = self.n_split_cells // world_size  # the smallest rank share
         if split == "train":
             self.batches_per_epoch = share // batch_size
         else:
@@ -138,13 +136,17 @@ class StoreLoader:
             counts += np.bincount(blocks[keep], minlength=self.n_blocks)
         return counts
 
+    def _share(self) -> tuple[int, int]:
+        """This rank's cells [lo, hi) of the split laid end to end: shares differ by at most one cell."""
+        n = self.n_split_cells
+        return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+
     def segments(self, epoch: int) -> list[Segment]:
         """This rank's share of the epoch: pieces of blocks in the epoch's block order."""
         order = numpy_generator(self.seed, 0, epoch).permutation(self.n_blocks)
         ends = np.cumsum(self.block_counts[order])
         starts = ends - self.block_counts[order]
-        n = self.n_split_cells
-        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+        lo, hi = self._share()
         segments = []
         for block, start, end in zip(order, starts, ends):
             if end > lo and start < hi:
@@ -194,8 +196,8 @@ class StoreLoader:
     def _batch_sizes(self) -> list[int]:
         if self.split == "train":
             return [self.batch_size] * self.batches_per_epoch
-        share = (self.rank + 1) * self.n_split_cells // self.world_size - self.rank * self.n_split_cells // self.world_size
-        base, extra = divmod(share, self.batches_per_epoch)
+        lo, hi = self._share()
+        base, extra = divmod(hi - lo, self.batches_per_epoch)
         return [base + (i < extra) for i in range(self.batches_per_epoch)]
 
     def _batch(self, buffer: _Buffer, rows: np.ndarray) -> dict[str, torch.Tensor]:

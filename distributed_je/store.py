@@ -268,6 +268,10 @@ class CountStore:
         codes, categories = element
         return codes[start:stop].astype(np.int64), categories
 
+    def categories(self, column: str) -> list[str]:
+        """Category names of a categorical obs column (no codes are read)."""
+        return self.obs_codes(column, 0, 0)[1]
+
     def obs_values(self, column: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         element = self._obs_element(column)
         if isinstance(element, tuple):

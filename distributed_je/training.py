@@ -37,7 +37,7 @@ def train_worker(config_dict: dict) -> None:
            if config.data.validation_fraction > 0 else None)
     model = build_model(config, store.n_genes, train.n_batches_store).to(device)
     optimizer = build_optimizer(model, config.optim)
-    batch_categories = store.obs_codes(config.data.batch_key, 0, 1)[1] if config.data.batch_key else ["0"]
+    batch_categories = store.categories(config.data.batch_key) if config.data.batch_key else ["0"]
 
     state = None
     checkpoint = ray.train.get_checkpoint()
