@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,22 @@ def load_training_state(directory: str | Path, model: JESCVI, optimizer: torch.o
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))
 
 
+@dataclass(frozen=True)
+class CellBlock:
+    start: int                    # first row
+    raw_counts: sp.csr_matrix     # as read: the data's own genes
+    counts: sp.csr_matrix         # the model's genes, in model order
+    batch_codes: np.ndarray
+    cell_names: np.ndarray
+    obs: dict[str, np.ndarray]    # requested obs columns, as strings
+
+
+def _check_columns(keys, available) -> None:
+    missing = [key for key in keys if key not in available]
+    if missing:
+        raise KeyError(f"obs has no column {missing[0]!r}; available: {', '.join(map(str, available))}")
+
+
 class TrainedModel:
     """A trained JE-SCVI model with the genes it was trained on."""
 
@@ -78,38 +94,47 @@ class TrainedModel:
         dense = counts.toarray() if hasattr(counts, "toarray") else np.asarray(counts)
         return self.module.encode(torch.as_tensor(dense, dtype=torch.float32), torch.as_tensor(batch_codes)).numpy()
 
-    def latent_blocks(self, data, *, block_rows: int = 8192):
-        """(start, counts, latent) per block of rows of an AnnData, an h5ad path or a store path.
-
-        ``counts`` is the block as read (CSR, the data's own genes), for callers that also copy it.
-        """
+    def cell_blocks(self, data, *, block_rows: int = 8192, obs_keys: tuple[str, ...] = ()):
+        """``CellBlock`` per block of rows of an AnnData, an h5ad path or a store path, read in
+        blocks (backed for h5ad): the counts as read and in model gene order, batch codes, cell
+        names and the ``obs_keys`` columns (missing ones fail listing those there)."""
         import anndata
 
         from distributed_je.store import open_store
 
         batch_key = self.config.data.batch_key
+        keys = ([batch_key] if batch_key else []) + list(obs_keys)
         if isinstance(data, (str, os.PathLike)) and not str(data).endswith(".h5ad"):
             store = open_store(str(data))
-            columns = self.gene_columns(store.gene_names)
-            if batch_key:
-                codes, names = store.obs_codes(batch_key)
-                batches = np.asarray(names, dtype=object)[codes]
-            else:
-                batches = np.zeros(store.n_cells)
-            for start in range(0, store.n_cells, block_rows):
-                stop = min(start + block_rows, store.n_cells)
+            n_cells, columns = store.n_cells, self.gene_columns(store.gene_names)
+            _check_columns(keys, store.obs_columns)
+            obs = {key: store.obs_strings(key) for key in keys}
+            names = store.cell_names()
+
+            def read(start, stop):
                 block = store.read_rows(start, stop)
-                counts = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(stop - start, store.n_genes))
-                yield start, counts, self.encode(counts[:, columns], self.batch_codes(batches[start:stop]))
-            return
-        if isinstance(data, (str, os.PathLike)):
-            data = anndata.read_h5ad(data, backed="r")
-        columns = self.gene_columns(data.var_names)
-        batches = data.obs[batch_key].to_numpy() if batch_key else np.zeros(data.n_obs)
-        for start in range(0, data.n_obs, block_rows):
-            stop = min(start + block_rows, data.n_obs)
-            counts = sp.csr_matrix(data.X[start:stop])
-            yield start, counts, self.encode(counts[:, columns], self.batch_codes(batches[start:stop]))
+                return sp.csr_matrix((block.data, block.indices, block.indptr), shape=(stop - start, store.n_genes))
+        else:
+            if isinstance(data, (str, os.PathLike)):
+                data = anndata.read_h5ad(data, backed="r")
+            n_cells, columns = data.n_obs, self.gene_columns(data.var_names)
+            _check_columns(keys, data.obs.columns)
+            obs = {key: data.obs[key].to_numpy().astype(str) for key in keys}
+            names = data.obs_names.to_numpy().astype(str)
+
+            def read(start, stop):
+                return sp.csr_matrix(data.X[start:stop])
+        for start in range(0, n_cells, block_rows):
+            stop = min(start + block_rows, n_cells)
+            counts = read(start, stop)
+            batches = obs[batch_key][start:stop] if batch_key else np.zeros(stop - start)
+            yield CellBlock(start, counts, counts[:, columns], self.batch_codes(batches), names[start:stop],
+                            {key: obs[key][start:stop] for key in obs_keys})
+
+    def latent_blocks(self, data, *, block_rows: int = 8192):
+        """(start, counts as read, latent) per block of rows; see ``cell_blocks``."""
+        for block in self.cell_blocks(data, block_rows=block_rows):
+            yield block.start, block.raw_counts, self.encode(block.counts, block.batch_codes)
 
     def get_latent_representation(self, data) -> np.ndarray:
         """Posterior means (n_cells, n_latent) of an AnnData, an h5ad path or a store path, genes aligned by name."""

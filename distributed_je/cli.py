@@ -8,15 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-EXIT_NOT_BUILT = 3
 EXIT_BAD_INPUT = 2
-
-# Which issue builds each subcommand that does not run yet.
-NOT_BUILT = {
-    "tune": "hyperparameter search with Ray Tune + Optuna (issue 5)",
-    "evaluate": "evaluation of the paper's analyses (issue 6)",
-    "compare": "evaluation of the paper's analyses (issue 6)",
-}
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -78,8 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train and evaluate variants side by side")
     _add_config_args(p)
+    _add_address_arg(p)
     p.add_argument("--variants", default="scvi,thinning_only,je,je_only", help="comma-separated variants")
-    p.add_argument("--diversify-depth", action="store_true", help="thin training cells to a wide depth range first")
+    p.add_argument("--diversify-depth", action="store_true",
+                   help="first thin each cell by min(1, 10^N(-1, 1)) and drop cells below 20 UMIs (the protocol)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per variant and seed")
+    p.add_argument("--kl-factors", default="0.1,1,10,100",
+                   help="KL-weight multipliers swept for scvi and je on the first seed ('' to skip)")
+    p.add_argument("--labels-key", default=None, help="obs column with labels (default: data.labels_key)")
+    p.add_argument("--condition-key", default=None, help="obs column with a condition to separate")
+    p.add_argument("--out", type=Path, default=Path("dje_compare"), help="where runs, tables and plots go")
 
     p = sub.add_parser("demo", help="the main job on the embedded default, from nothing")
     _add_config_args(p, required=False)
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-key", default=None, help="obs column with batches")
     p.add_argument("--n-top-genes", type=int, default=2000, help="highly variable genes kept from --data")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="where the report goes")
+    p.add_argument("--tune-epochs", type=int, default=30, help="epochs of each tuning trial")
     return parser
 
 
@@ -97,7 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     run_demo(config, data=args.data, labels_key=args.labels_key, batch_key=args.batch_key,
-             n_top_genes=args.n_top_genes, out=args.out)
+             n_top_genes=args.n_top_genes, out=args.out, tune_epochs=args.tune_epochs)
     return 0
 
 
@@ -135,6 +136,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from distributed_je.config import load_config
+    from distributed_je.tuning import format_rows, run_tune
+
+    outcome = run_tune(load_config(args.config, args.overrides), address=args.address, resume=args.resume)
+    print(format_rows(outcome.rows))
+    print(f"best: {outcome.best_params}")
+    print(f"best config: {outcome.best_config_path}  (dje train {outcome.best_config_path})")
+    print(f"results table and plots: {outcome.report_dir}; trials and checkpoints: {outcome.experiment_path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from distributed_je.artifact import load_model
+    from distributed_je.report import evaluate_model, format_report
+
+    report = evaluate_model(load_model(args.model), args.data, labels_key=args.labels_key,
+                            condition_key=args.condition_key, out=args.out)
+    print(format_report(report))
+    print(f"report: {args.out / 'report.md'} (and report.json, PNG plots)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from distributed_je.compare import run_compare
+    from distributed_je.config import load_config
+
+    def numbers(text: str, kind: type) -> tuple:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+
+    run_compare(load_config(args.config, args.overrides), variants=[v.strip() for v in args.variants.split(",")],
+                out=args.out, diversify=args.diversify_depth, seeds=numbers(args.seeds, int),
+                kl_factors=numbers(args.kl_factors, float), labels_key=args.labels_key,
+                condition_key=args.condition_key, address=args.address)
+    print((args.out / "compare.md").read_text())
+    return 0
+
+
 def _embed(args: argparse.Namespace) -> int:
     from distributed_je.embed import OBSM_KEY, embed
 
@@ -144,14 +183,12 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _demo, "convert": _convert, "synth": _synth, "train": _train, "embed": _embed}
+    "demo": _demo, "convert": _convert, "synth": _synth, "train": _train, "tune": _tune, "embed": _embed,
+    "evaluate": _evaluate, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in NOT_BUILT:
-        print(f"dje {args.command}: not built yet; it arrives with {NOT_BUILT[args.command]}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     try:
         return HANDLERS[args.command](args)
     except (ValueError, KeyError, FileNotFoundError) as error:  # bad input: config, counts, sources, stores

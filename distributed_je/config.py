@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-VARIANTS = ("scvi", "thinning_only", "je", "je_only")
+VARIANTS = ("scvi", "thinning_only", "denoising", "je", "je_only")
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 JE_LATENTS = ("sample", "mean")
@@ -35,8 +35,8 @@ def _opt(default: Any, *, low: float | None = None, high: float | None = None,
          low_open: bool = False, choices: tuple | None = None) -> Any:
     """A config field with its allowed range (inclusive unless ``low_open``) or choices."""
     meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -74,6 +74,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if typing.get_origin(t) is dict or t is dict:
             if isinstance(value, Mapping):
                 return dict(value)
+        if typing.get_origin(t) is list or t is list:
+            if isinstance(value, (list, tuple)):
+                return list(value)
     raise ConfigError(f"{key}={value!r} has type {type(value).__name__}: expected {_type_name(hint)}")
 
 
@@ -185,9 +188,32 @@ class ScalingConfig(_Section):
 class TuneConfig(_Section):
     num_samples: int = _opt(8, low=1)
     max_concurrent_trials: int = _opt(2, low=1)
-    metric: str = "val_recon_nll"
-    mode: str = _opt("min", choices=MODES)
+    metric: str | list = "val_combined_nll"
+    mode: str | list = "min"
     search_space: dict = _opt({})
+    points_to_evaluate: list = _opt([])
+    grace_period: int = _opt(1, low=1)
+    reduction_factor: float = _opt(3.0, low=1.0, low_open=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        metrics, modes = self.metrics, self.modes
+        if not metrics or not all(isinstance(m, str) and m for m in metrics):
+            raise ConfigError(f"tune.metric={self.metric!r} is not allowed: give a metric name or a list of them")
+        if len(modes) != len(metrics):
+            raise ConfigError(f"tune.mode={self.mode!r} is not allowed: give one mode per metric in {metrics}")
+        for mode in modes:
+            if mode not in MODES:
+                raise ConfigError(f"tune.mode={mode!r} is not allowed: choose one of {', '.join(MODES)}")
+
+    @property
+    def metrics(self) -> list[str]:
+        """The objectives, in order; the first one also drives the ASHA scheduler."""
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
 
 
 SECTIONS: dict[str, type] = {

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from distributed_je.counts import CountsError, check_counts
 from distributed_je.genes import gene_moments, highly_variable_genes
 from distributed_je.sources import Source, SourceError, fingerprint, open_source
-from distributed_je.store import LIBRARY_SIZE, StoreError, StoreWriter, store_exists
+from distributed_je.store import LIBRARY_SIZE, TOTAL_COUNTS, StoreError, StoreWriter, store_exists
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ def convert(src: str | Path, dest: str, *, layer: str | None = None, n_top_genes
     with StoreWriter(dest, gene_names=source.gene_names[genes], max_count=largest, overwrite=overwrite) as writer:
         with bar("write") as pbar:
             for start, block in source.blocks():
+                total_counts = np.asarray(block.sum(1)).ravel()
                 block = block[:, genes].tocsr()
                 block.sort_indices()
                 library = np.asarray(block.sum(1)).ravel()
@@ -137,6 +138,7 @@ def convert(src: str | Path, dest: str, *, layer: str | None = None, n_top_genes
                 block = block[keep]
                 rows = obs.iloc[start : start + len(library)][keep].copy()
                 rows[LIBRARY_SIZE] = library[keep].astype(np.float64)
+                rows[TOTAL_COUNTS] = total_counts[keep].astype(np.float64)
                 writer.append(block.data, block.indices, block.indptr, rows)
                 pbar.update(len(library))
         n_cells = source.n_cells - n_dropped

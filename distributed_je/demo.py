@@ -1,34 +1,27 @@
-"""The main job on the embedded default: data -> zarr store -> JE and SCVI models streamed from
-the store -> depth response, in one process.
-
-Later stages (Ray-distributed training, an Optuna tune, the full evaluation report) plug in
-here as they land.
+"""The main job on the embedded default, from nothing: data -> zarr store -> a small Optuna
+tune on local Ray -> the best configuration trained with Ray Train -> evaluated against the
+``scvi`` variant trained the same way -> where the reports are.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import shutil
 from pathlib import Path
 
-import numpy as np
-
+from distributed_je.artifact import load_model
 from distributed_je.config import Config
 from distributed_je.convert import convert
-from distributed_je.counts import read_store
-from distributed_je.evaluation import depth_response
-from distributed_je.loader import StoreLoader
-from distributed_je.loop import build_model, build_optimizer, epoch_line, fit
-from distributed_je.split import validation_mask
-from distributed_je.store import open_store
+from distributed_je.report import evaluate_model
 from distributed_je.synthetic import synthetic_counts
-
-DEMO_VARIANTS = ("scvi", "je")
+from distributed_je.training import run_training
+from distributed_je.tuning import run_tune
 
 
 def build_store(data: str | None, *, labels_key: str | None, batch_key: str | None, n_top_genes: int | None,
-                out: Path, seed: int) -> Config:
-    """Convert the demo's data (a generated dataset unless ``data`` names an h5ad) into ``out/store.zarr``."""
+                out: Path, seed: int) -> dict:
+    """Convert the demo's data (a generated dataset unless ``data`` names an h5ad) into ``out/store.zarr``;
+    return the config values that point at it."""
     if data is None:
         matrix = synthetic_counts(seed=seed)
         data = str(out / "synthetic.h5ad")
@@ -45,50 +38,48 @@ def build_store(data: str | None, *, labels_key: str | None, batch_key: str | No
     return {"data.store": store, "data.batch_key": batch_key, "data.labels_key": labels_key}
 
 
-def train_from_store(config: Config):
-    store = open_store(config.data.store)
-    seed = config.experiment.seed
-    train = StoreLoader.from_config(store, config.data, split="train", seed=seed)
-    val = StoreLoader.from_config(store, config.data, split="val", seed=seed)
-    model = build_model(config, store.n_genes, train.n_batches_store)
-    fit(model, build_optimizer(model, config.optim), config=config, train_batches=train.epoch,
-        val_batches=lambda: val.epoch(0),
-        on_epoch_end=lambda state, metrics: print(f"  [{config.model.variant}] {epoch_line(metrics)}", flush=True))
-    return model
-
-
 def run_demo(config: Config, *, data: str | None, labels_key: str | None, batch_key: str | None,
-             n_top_genes: int | None, out: Path) -> dict:
+             n_top_genes: int | None, out: Path, tune_epochs: int) -> dict:
+    """``tune_epochs``: how long each tuning trial trains (the final models train ``train.max_epochs``)."""
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # the demo starts from nothing every time
     config = config.replace(**build_store(data, labels_key=labels_key, batch_key=batch_key,
-                                          n_top_genes=n_top_genes, out=out, seed=config.experiment.seed))
-    cells = read_store(config.data.store, batch_key=config.data.batch_key, labels_key=config.data.labels_key)
-    held_out = validation_mask(cells.cell_names, config.data.validation_fraction)
-    train, val = cells.subset_cells(np.flatnonzero(~held_out)), cells.subset_cells(np.flatnonzero(held_out))
-    print(f"{train.n_cells:,} training and {val.n_cells:,} held-out cells")
+                                          n_top_genes=n_top_genes, out=out, seed=config.experiment.seed),
+                            **{"experiment.storage_path": str((out / "runs").resolve())})
 
-    report = {"config": config.to_dict(), "n_train": train.n_cells, "n_held_out": val.n_cells, "variants": {}}
-    for variant in DEMO_VARIANTS:
-        variant_config = config.replace(**{"model.variant": variant})
-        print(f"training {variant} for {config.train.max_epochs} epochs, streaming from the store")
-        model = train_from_store(variant_config)
-        rows = depth_response(model, train, val, seed=config.experiment.seed)
-        report["variants"][variant] = [asdict(row) for row in rows]
+    tune_config = config.replace(**{"experiment.name": "tune", "train.max_epochs": tune_epochs})
+    print(f"tuning {', '.join(config.tune.search_space)}: {config.tune.num_samples} trials of {tune_epochs} epochs, "
+          f"objective {config.tune.metric}", flush=True)
+    outcome = run_tune(tune_config)
+    best = config.replace(**outcome.best_params)
+    print(f"best: {outcome.best_params}", flush=True)
 
-    print(format_depth_table(report["variants"]))
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
-    print(f"report: {out / 'demo_report.json'}")
-    return report
+    reports = {}
+    for variant, variant_config in (("je", best), ("scvi", config)):
+        name = f"{variant}-{'best' if variant == 'je' else 'baseline'}"
+        print(f"training {name} for {config.train.max_epochs} epochs with Ray Train", flush=True)
+        result = run_training(variant_config.replace(**{"model.variant": variant, "experiment.name": name}))
+        reports[variant] = evaluate_model(load_model(result.checkpoint.path), config.data.store,
+                                          labels_key=config.data.labels_key, out=out / variant,
+                                          seed=config.experiment.seed)
+    summary = {"best_params": outcome.best_params, "tune_results": str(outcome.report_dir),
+               "reports": {variant: str(out / variant / "report.md") for variant in reports},
+               "depth_response": {variant: report["depth_response"] for variant, report in reports.items()}}
+    (out / "demo_report.json").write_text(json.dumps(summary, indent=2))
+    print(format_depth_table(summary["depth_response"]))
+    print(f"tuning results: {outcome.report_dir}/results.csv (and objective.png, params.png)")
+    for variant, path in summary["reports"].items():
+        print(f"{variant} report: {path}")
+    return summary
 
 
 def format_depth_table(variants: dict[str, list[dict]]) -> str:
-    """Balanced accuracy and distance to f(0) of held-out cells by depth, one column pair per variant."""
+    """Held-out balanced accuracy, kept neighbourhood and distance to f(0) by depth, per variant."""
     names = list(variants)
-    header = "depth (UMIs) | " + " | ".join(f"{v} bal.acc | {v} dist f(0)" for v in names)
+    header = "depth (UMIs) | " + " | ".join(f"{v} bal.acc | {v} kNN kept | {v} dist f(0)" for v in names)
     lines = [header, "-" * len(header)]
     for i, row in enumerate(variants[names[0]]):
-        cells = " | ".join(
-            f"{variants[v][i]['balanced_accuracy']:.3f} | {variants[v][i]['distance_to_bias_point']:.2f}" for v in names
-        )
+        cells = " | ".join(f"{variants[v][i]['balanced_accuracy']:.3f} | {variants[v][i]['knn_kept']:.3f} | "
+                           f"{variants[v][i]['distance_to_bias_point']:.2f}" for v in names)
         lines.append(f"{row['depth']:>12} | {cells}")
     return "\n".join(lines)

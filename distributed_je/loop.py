@@ -23,6 +23,9 @@ from distributed_je.seeding import STREAM_INIT, STREAM_TRAIN, STREAM_VALIDATION,
 
 Batch = dict[str, torch.Tensor]
 TERMS = LossOutput._fields  # loss, recon_nll, kl, cco, elbo
+LOW_DEPTH_TERMS = ("low_depth_nll", "knn_kept")
+LOW_DEPTH_FRACTION = 0.15  # validation cells are also scored thinned to 15% of their depth
+LOW_DEPTH_K = 15
 
 
 def kl_weight_at(step: int, loss: LossConfig) -> float:
@@ -52,21 +55,25 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 class _MetricSums:
-    """Cell-weighted sums of every loss term, kept on the device until the epoch ends."""
+    """Cell-weighted sums of named per-batch means, kept on the device until the epoch ends.
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(len(TERMS) + 1, device=device, dtype=torch.float64)
+    A NaN term (a score undefined on a small batch) is left out of its own sum and count.
+    """
 
-    def add(self, out: LossOutput, n_cells: int) -> None:
-        terms = torch.stack([t.detach().double() for t in out])
-        self.sums[:-1] += terms * n_cells
-        self.sums[-1] += n_cells
+    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
+        self.names = names
+        self.sums = torch.zeros(2, len(names), device=device, dtype=torch.float64)  # [sum, cells]
+
+    def add(self, values: tuple[torch.Tensor, ...], n_cells: int) -> None:
+        terms = torch.stack([t.detach().double() for t in values])
+        defined = ~torch.isnan(terms)
+        self.sums[0] += torch.where(defined, terms, 0.0) * n_cells
+        self.sums[1] += defined * n_cells
 
     def means(self, prefix: str) -> dict[str, float]:
-        total = all_reduce_sum(self.sums).tolist()
-        n_cells = max(total[-1], 1.0)
-        metrics = {f"{prefix}_{name}": value / n_cells for name, value in zip(TERMS, total[:-1])}
-        metrics[f"{prefix}_cells"] = total[-1]
+        sums, cells = all_reduce_sum(self.sums).tolist()
+        metrics = {f"{prefix}_{name}": s / c if c else float("nan") for name, s, c in zip(self.names, sums, cells)}
+        metrics[f"{prefix}_cells"] = cells[0]
         return metrics
 
 
@@ -89,7 +96,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     # Dropout draws from torch's global generator, which cannot be passed in: seed it here.
     torch.manual_seed(derive_seed(seed, rank, state.epoch, STREAM_TRAIN))
     generator = torch_generator(seed, rank, state.epoch, STREAM_TRAIN, device)
-    sums = _MetricSums(device)
+    sums = _MetricSums(TERMS, device)
     start = time.perf_counter()
     for batch in batches:
         batch = _to_device(batch, device)
@@ -114,21 +121,29 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], *, config: Config, rank: int = 0,
              device: torch.device | str = "cpu", prefix: str = "val") -> dict[str, float]:
-    """Global ``{prefix}_*`` means of every term with the full KL weight, in evaluation mode.
+    """Global ``{prefix}_*`` means of every term with the full KL weight, in evaluation mode, and
+    the label-free low-depth scores (``JESCVI.low_depth_scores``) with their combination
+    ``{prefix}_combined_nll``, the mean of the full-depth and the low-depth reconstruction NLL.
 
     The generator is the same every epoch, so validation metrics compare across epochs.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    module = getattr(model, "module", model)  # unwrapped from DDP
     generator = torch_generator(config.experiment.seed, rank, 0, STREAM_VALIDATION, device)
-    sums = _MetricSums(device)
+    sums = _MetricSums(TERMS + LOW_DEPTH_TERMS, device)
     for batch in batches:
         batch = _to_device(batch, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            sums.add(model(batch, generator=generator), batch[COUNTS].shape[0])
+            out = model(batch, generator=generator)
+            low_depth = module.low_depth_scores(batch, fraction=LOW_DEPTH_FRACTION, k=LOW_DEPTH_K,
+                                                generator=generator)
+        sums.add((*out, *low_depth), batch[COUNTS].shape[0])
     model.train(was_training)
-    return sums.means(prefix)
+    metrics = sums.means(prefix)
+    metrics[f"{prefix}_combined_nll"] = (metrics[f"{prefix}_recon_nll"] + metrics[f"{prefix}_low_depth_nll"]) / 2
+    return metrics
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
@@ -149,9 +164,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
         state.epoch += 1
         metrics["epoch"] = state.epoch
         state.history.append(metrics)
+        reason = stop_reason(state, config, seconds=all_reduce_max(time.monotonic() - started))
+        # 1 on the last epoch: a run that ends without it was stopped from outside (e.g. by ASHA).
+        metrics["run_complete"] = float(bool(reason) or state.epoch >= config.train.max_epochs)
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
-        reason = stop_reason(state, config, seconds=all_reduce_max(time.monotonic() - started))
         if reason:
             if rank == 0:
                 print(f"stopping after epoch {state.epoch}: {reason}", flush=True)
@@ -177,6 +194,7 @@ def stop_reason(state: TrainState, config: Config, *, seconds: float) -> str | N
 
 def epoch_line(metrics: dict[str, float]) -> str:
     """One progress line per epoch: the terms that tell whether training is healthy."""
-    shown = ("train_loss", "train_recon_nll", "train_kl", "train_cco", "val_recon_nll", "val_elbo", "val_cco")
+    shown = ("train_loss", "train_recon_nll", "train_kl", "train_cco", "val_recon_nll", "val_elbo", "val_cco",
+             "val_low_depth_nll", "val_knn_kept")
     terms = " ".join(f"{key}={metrics[key]:.4g}" for key in shown if key in metrics)
     return f"epoch {int(metrics['epoch'])}: {terms} cells/s={metrics['cells_per_second']:.0f}"

@@ -27,7 +27,7 @@ class LossOutput(NamedTuple):
     loss: torch.Tensor
     recon_nll: torch.Tensor  # reconstruction NLL per cell, summed over genes
     kl: torch.Tensor         # KL(q(z|x) || N(0, I)) per cell
-    cco: torch.Tensor        # cross-correlation loss between z and z* (0 for scvi, thinning_only)
+    cco: torch.Tensor        # cross-correlation loss between z and z* (0 without JE)
     elbo: torch.Tensor       # recon_nll + kl: the negative ELBO per cell, with no weights
 
 
@@ -88,9 +88,11 @@ class JESCVI(nn.Module):
             p = sample_thinning_probability(library, self.augment_config.min_library_size, generator=generator)
             thinned = binomial_thin(counts, p, generator=generator)
 
-        # thinning_only encodes the thinned view but reconstructs the original counts, so the
+        if variant == "thinning_only":  # SCVI trained on thinned counts: the thinned copy is the cell
+            counts, library = thinned, thinned.sum(1, keepdim=True)
+        # denoising encodes the thinned view but reconstructs the original counts, so the
         # decoder scales by the original library L: the target is y, whose depth is L.
-        encoder_input = thinned if variant == "thinning_only" else counts
+        encoder_input = thinned if variant == "denoising" else counts
         q_mean, q_var = self.encoder(encoder_input, one_hot)
         z = self._sample(q_mean, q_var, generator)
 
@@ -125,8 +127,50 @@ class JESCVI(nn.Module):
             self.train(was_training)
         return mean
 
+    @torch.no_grad()
+    def low_depth_scores(self, batch: dict[str, torch.Tensor], *, fraction: float, k: int,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label-free scores of how well cells thinned to ``fraction`` of their depth keep their identity.
+
+        Returns (low_depth_nll, knn_kept), means over the batch: the NLL of each cell's FULL counts
+        decoded from the embedding of its thinned copy (a cell collapsed onto f(0) decodes to a
+        generic profile and scores badly), and the share of its ``k`` nearest neighbours at full
+        depth, within the batch, that stay among its ``k`` nearest after thinning. Neither
+        contains a loss weight, so both can judge a search over the weights.
+        """
+        counts, batch_index = batch[COUNTS], batch.get(BATCH_INDEX)
+        one_hot = self._one_hot(batch_index, counts.shape[0], counts.device)
+        library = counts.sum(1, keepdim=True)
+        thinned = binomial_thin(counts, torch.full_like(library, fraction), generator=generator)
+        was_training = self.training
+        self.eval()
+        try:
+            full_mean, _ = self.encoder(counts, one_hot)
+            thin_mean, _ = self.encoder(thinned, one_hot)
+            mu, theta, zi_logits = self.decoder(thin_mean, library, batch_index, one_hot)
+        finally:
+            self.train(was_training)
+        nll = reconstruction_nll(self.model_config.likelihood, counts, mu, theta, zi_logits).mean()
+        return nll, neighbours_kept(full_mean.float(), thin_mean.float(), k)
+
     def bias_point(self, batch_index: int = 0) -> torch.Tensor:
         """f(0): the embedding of an all-zero cell, where low-count cells collapse. Shape (n_latent,)."""
         device = next(self.parameters()).device
         zeros = torch.zeros(1, self.n_genes, device=device)
         return self.encode(zeros, torch.tensor([batch_index], device=device))[0]
+
+
+def neighbours_kept(reference: torch.Tensor, query: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean share of each row's ``k`` nearest rows in ``reference`` that are also among its ``k`` nearest
+    in ``query`` (same rows, another embedding). NaN when there are not more than ``k`` rows."""
+    n = reference.shape[0]
+    if n <= k:
+        return torch.full((), float("nan"), device=reference.device)
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(x, x)
+        distances.fill_diagonal_(float("inf"))
+        neighbours = torch.zeros(n, n, dtype=torch.bool, device=x.device)
+        return neighbours.scatter_(1, distances.topk(k, largest=False).indices, True)
+
+    return (nearest(reference) & nearest(query)).sum(1).float().mean() / k

@@ -37,6 +37,7 @@ SHARD_CHUNKS = 16          # chunks per shard file: ~100 files per array for a 1
 OBS_CHUNK_ROWS = 1 << 14  # cells per chunk of X/indptr and of every obs column
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")  # decompresses at GB/s
 LIBRARY_SIZE = "library_size"
+TOTAL_COUNTS = "total_counts"  # obs: UMIs over all of the source's genes, before gene selection
 NAME_HASH = "name_hash"
 
 
@@ -277,6 +278,14 @@ class CountStore:
         if isinstance(element, tuple):
             raise StoreError(f"obs column {column!r} is categorical: read it with obs_codes")
         return np.asarray(element[start:stop])
+
+    def obs_strings(self, column: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Any obs column as strings; a missing category reads as "nan", as pandas writes it."""
+        element = self._obs_element(column)
+        if not isinstance(element, tuple):
+            return self.obs_values(column, start, stop).astype(str)
+        codes, categories = self.obs_codes(column, start, stop)
+        return np.append(np.asarray(categories, dtype=object), "nan")[codes].astype(str)
 
     def cell_names(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         names = self.group["obs"][self.group["obs"].attrs["_index"]][start:stop]

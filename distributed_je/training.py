@@ -14,6 +14,8 @@ from pathlib import Path
 
 from distributed_je.config import Config
 
+CONTROLLER_POLL_INTERVAL_S = 0.2
+
 
 def train_worker(config_dict: dict) -> None:
     """Runs in every Ray Train worker."""
@@ -64,11 +66,22 @@ def train_worker(config_dict: dict) -> None:
         state=state, rank=rank, device=device, on_epoch_end=on_epoch_end)
 
 
-def run_training(config: Config, *, address: str | None = None):
+def storage_root(config: Config) -> str:
+    """``experiment.storage_path`` with $VARS expanded; local paths made absolute (Ray needs that)."""
+    path = os.path.expandvars(config.experiment.storage_path)  # e.g. ${DJE_STORAGE_PATH}/runs
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def join_storage(root: str, *parts: str) -> str:
+    """A path under a storage root, local or URL (``os.path.join`` would break ``s3://``)."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def run_training(config: Config, *, address: str | None = None, callbacks: list | None = None):
     """Train with Ray Train on a local Ray (no address) or the cluster at ``address``/$RAY_ADDRESS.
 
     Running again with the same experiment name and storage path resumes from the latest
-    checkpoint.
+    checkpoint. ``callbacks`` go to the run config (a Tune trial passes ``TuneReportCallback``).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -78,9 +91,10 @@ def run_training(config: Config, *, address: str | None = None):
         raise ValueError("data.store is empty: give the zarr store to train on (dje convert makes one)")
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
-    storage_path = os.path.expandvars(config.experiment.storage_path)  # e.g. ${DJE_STORAGE_PATH}/runs
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    # Ray Train V2 workers hand each report to a queue of size 1 that the controller drains
+    # once per health check (2 s by default): epochs shorter than that would wait for it.
+    # The driver's value propagates to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
     scaling, train = config.scaling, config.train
     workers = (scaling.min_workers, scaling.num_workers) if scaling.min_workers else scaling.num_workers
     trainer = TorchTrainer(
@@ -90,7 +104,7 @@ def run_training(config: Config, *, address: str | None = None):
                                      resources_per_worker={"CPU": scaling.cpus_per_worker},
                                      placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(
-            name=config.experiment.name, storage_path=storage_path,
+            name=config.experiment.name, storage_path=storage_root(config), callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep,
                                                checkpoint_score_attribute=train.monitor_metric,
                                                checkpoint_score_order=train.monitor_mode),

@@ -21,6 +21,16 @@ def pbmc3k_path() -> Path:
     return shared_data("pbmc3k_labeled.h5ad")
 
 
+@pytest.fixture(scope="session")
+def pbmc_store(tmp_path_factory) -> str:
+    """pbmc3k converted to a store with 500 highly variable genes, shared by the session's tests."""
+    from distributed_je.convert import convert
+
+    dest = str(tmp_path_factory.mktemp("store") / "pbmc3k.zarr")
+    convert(shared_data("pbmc3k_labeled.h5ad"), dest, n_top_genes=500, labels_key="cell_type", progress=False)
+    return dest
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

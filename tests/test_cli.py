@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from distributed_je.cli import EXIT_BAD_INPUT, EXIT_NOT_BUILT, NOT_BUILT, build_parser, main
+from distributed_je.cli import EXIT_BAD_INPUT, build_parser, main
 
 SUBCOMMANDS = ("convert", "synth", "train", "tune", "embed", "evaluate", "compare", "demo")
 
@@ -29,13 +29,14 @@ def test_every_subcommand_describes_every_argument(name, capsys):
         assert shown in text, f"dje {name} --help does not show {shown}"
 
 
-MINIMAL_ARGV = {"tune": ["tune", "c.yaml"], "evaluate": ["evaluate", "m", "d", "--labels-key", "l", "--out", "o"], "compare": ["compare", "c.yaml"]}
-
-
-@pytest.mark.parametrize("name", sorted(NOT_BUILT))
-def test_unbuilt_subcommands_say_so_and_fail(name, capsys):
-    assert main(MINIMAL_ARGV[name]) == EXIT_NOT_BUILT
-    assert "not built yet" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["compare", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["evaluate", "no_model", "d.zarr", "--labels-key", "l", "--out", "o"], "no_model is not a checkpoint"),
+])
+def test_bad_input_names_itself(argv, message, capsys):
+    assert main(argv) == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
 
 
 def test_bad_config_value_is_reported_not_raised(capsys):
@@ -43,13 +44,18 @@ def test_bad_config_value_is_reported_not_raised(capsys):
     assert "model.n_latent=0 is out of range" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_demo_smoke_on_tiny_settings(tmp_path, capsys):
-    code = main(["demo", "--set", "train.max_epochs=1", "--set", "data.batch_size=128", "--out", str(tmp_path)])
+    """The whole demo (synthetic data -> store -> 2-trial tune -> je and scvi trained -> reports), tiny."""
+    code = main(["demo", "tune_configs/demo.yaml", "--set", "train.max_epochs=2", "--set", "tune.num_samples=2",
+                 "--set", "tune.grace_period=1", "--tune-epochs", "1", "--out", str(tmp_path)])
     assert code == 0
-    report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert set(report["variants"]) == {"scvi", "je"}
-    depths = [row["depth"] for row in report["variants"]["je"]]
-    assert depths[-1] == "full" and depths[0] == "20"
-    for row in report["variants"]["je"]:
-        assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["distance_to_bias_point"] >= 0.0
-    assert "bal.acc" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "demo_report.json").read_text())
+    assert set(summary["depth_response"]) == {"je", "scvi"}
+    assert set(summary["best_params"]) == {"loss.kl_weight", "loss.je_weight", "augment.min_library_size"}
+    for variant in ("je", "scvi"):
+        assert (tmp_path / variant / "report.md").is_file()
+        rows = summary["depth_response"][variant]
+        assert rows[-1]["depth"] == "full" and all(0 <= r["balanced_accuracy"] <= 1 for r in rows)
+    assert len((tmp_path / "runs" / "tune" / "results.csv").read_text().splitlines()) == 3
+    assert "kNN kept" in capsys.readouterr().out

@@ -81,6 +81,8 @@ def test_replace_validates():
         config.replace(**{"model.n_latent": 0})
 
 
-def test_every_shipped_config_loads():
+def test_every_shipped_config_loads_and_its_search_space_parses():
+    from distributed_je.tuning import parse_search_space
+
     for path in BASE_YAML.parent.glob("*.yaml"):
-        load_config(path)
+        parse_search_space(load_config(path))

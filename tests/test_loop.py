@@ -51,3 +51,13 @@ def test_fit_continues_from_a_state():
 def test_epoch_line_shows_the_terms():
     line = epoch_line({"epoch": 3, "train_loss": 12.5, "val_recon_nll": 10.0, "cells_per_second": 1234.4})
     assert line == "epoch 3: train_loss=12.5 val_recon_nll=10 cells/s=1234"
+
+
+def test_validation_reports_the_low_depth_scores_and_the_last_epoch_says_so():
+    matrix = synthetic_counts(300, 60, seed=0)
+    state = _train(load_config(None, ["train.max_epochs=2"]), matrix)
+    first, last = state.history
+    assert (first["run_complete"], last["run_complete"]) == (0.0, 1.0)
+    assert 0.0 <= last["val_knn_kept"] <= 1.0
+    assert last["val_low_depth_nll"] > 0
+    assert last["val_combined_nll"] == (last["val_recon_nll"] + last["val_low_depth_nll"]) / 2

@@ -17,7 +17,7 @@ def tiny_batch(n_cells=32, n_genes=50, n_batches=2):
     return next(minibatches(matrix, batch_size=n_cells)), matrix
 
 
-@pytest.mark.parametrize("variant", ["scvi", "thinning_only", "je", "je_only"])
+@pytest.mark.parametrize("variant", ["scvi", "thinning_only", "denoising", "je", "je_only"])
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
 def test_every_variant_and_likelihood_gives_finite_terms_and_gradients(variant, likelihood):
     batch, matrix = tiny_batch()
@@ -39,6 +39,20 @@ def test_variant_weights():
     assert LossWeights.for_variant("je_only", loss) == LossWeights(reconstruction=0.0, je=50.0)
     assert LossWeights.for_variant("scvi", loss) == LossWeights(reconstruction=2.0, je=0.0)
     assert LossWeights.for_variant("thinning_only", loss) == LossWeights(reconstruction=2.0, je=0.0)
+
+
+def test_thinning_only_reconstructs_the_thinned_copy_and_denoising_the_original():
+    batch, matrix = tiny_batch(n_cells=64, n_genes=200)
+
+    def recon(variant):
+        config = load_config(None, [f"model.variant={variant}", "augment.min_library_size=1"])
+        model = build_model(config, matrix.n_genes, matrix.n_batches)
+        return float(model(batch, generator=torch.Generator().manual_seed(0)).recon_nll)
+
+    scvi, thinning_only, denoising = recon("scvi"), recon("thinning_only"), recon("denoising")
+    # thinned copies hold far fewer counts, so their NLL is far smaller; denoising targets y itself
+    assert thinning_only < 0.7 * scvi
+    assert 0.8 * scvi < denoising < 1.25 * scvi
 
 
 def test_loss_is_the_weighted_sum_of_its_terms():

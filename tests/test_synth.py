@@ -50,3 +50,24 @@ def test_synth_is_seeded_and_validates(reference, tmp_path):
         synthesize(reference, a, n_cells=10, progress=False)
     with pytest.raises(ValueError, match=r"--cells 0 is out of range"):
         synthesize(reference, str(tmp_path / "c.zarr"), n_cells=0, progress=False)
+
+
+@pytest.mark.data
+def test_depth_diversified_store_follows_the_protocol(reference, tmp_path):
+    from distributed_je.store import TOTAL_COUNTS
+    from distributed_je.synth import DIVERSIFY_MIN_UMIS, diversify_depth
+
+    dest = str(tmp_path / "diversified.zarr")
+    kept = diversify_depth(reference, dest, seed=0)
+    source, diversified = open_store(reference), open_store(dest)
+    assert diversified.n_cells == kept and 0.6 * source.n_cells < kept < source.n_cells
+    total, library = diversified.obs_values(TOTAL_COUNTS), diversified.obs_values(LIBRARY_SIZE)
+    assert total.min() >= DIVERSIFY_MIN_UMIS and (library <= total).all() and library.min() > 0
+    # each kept cell is a thinned copy of the source cell of the same name
+    names = list(source.cell_names())
+    rows = np.array([names.index(n) for n in diversified.cell_names()])
+    assert (total <= source.obs_values(TOTAL_COUNTS)[rows]).all()
+    factor = diversified.obs_values("depth_factor")
+    assert np.median(np.log10(factor)) > -1.0  # log10 factors are N(-1, 1) capped at 0; deep-enough cells survive
+    assert diversified.obs_codes("cell_type")[0].tolist() == source.obs_codes("cell_type")[0][rows].tolist()
+    assert diversify_depth(reference, str(tmp_path / "again.zarr"), seed=0) == kept  # seeded

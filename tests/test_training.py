@@ -15,22 +15,12 @@ import torch
 
 from distributed_je.artifact import load_model
 from distributed_je.config import load_config
-from distributed_je.convert import convert
 from distributed_je.embed import OBSM_KEY, embed
 from distributed_je.loader import StoreLoader
 from distributed_je.loop import build_model, build_optimizer, fit
 from distributed_je.store import open_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.data]
-
-
-@pytest.fixture(scope="module")
-def pbmc_store(tmp_path_factory):
-    from conftest import shared_data
-
-    dest = str(tmp_path_factory.mktemp("store") / "pbmc3k.zarr")
-    convert(shared_data("pbmc3k_labeled.h5ad"), dest, n_top_genes=500, labels_key="cell_type", progress=False)
-    return dest
 
 
 @pytest.fixture(scope="module")
