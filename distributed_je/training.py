@@ -72,6 +72,23 @@ def storage_root(config: Config) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def resolve_store(config: Config) -> Config:
+    """The config with a relative local ``data.store`` made absolute (Ray workers do not run in
+    the driver's directory), checked to exist when the driver can see it: a wrong path fails
+    here, at once, not in every worker after every restart. Paths with $VARS expand on the nodes."""
+    from distributed_je.store import open_store
+
+    location = config.data.store
+    if not location:
+        raise ValueError("data.store is empty: give the zarr store to train on (dje convert makes one)")
+    if "$" in location:
+        return config
+    if "://" not in location:
+        location = str(Path(location).expanduser().resolve())
+    open_store(location)
+    return config.replace(**{"data.store": location})
+
+
 def join_storage(root: str, *parts: str) -> str:
     """A path under a storage root, local or URL (``os.path.join`` would break ``s3://``)."""
     return "/".join([root.rstrip("/"), *parts])
@@ -87,8 +104,7 @@ def run_training(config: Config, *, address: str | None = None, callbacks: list 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not config.data.store:
-        raise ValueError("data.store is empty: give the zarr store to train on (dje convert makes one)")
+    config = resolve_store(config)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
     # Ray Train V2 workers hand each report to a queue of size 1 that the controller drains

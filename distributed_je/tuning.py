@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from distributed_je.config import Config, ConfigError
-from distributed_je.training import join_storage, run_training, storage_root
+from distributed_je.training import join_storage, resolve_store, run_training, storage_root
 
 DOMAINS = ("uniform", "loguniform", "int", "choice")
 RANGE_DOMAINS = ("uniform", "loguniform", "int")
@@ -181,9 +181,8 @@ def run_tune(config: Config, *, address: str | None = None, resume: bool = False
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    if not config.data.store:
-        raise ConfigError("data.store is empty: give the zarr store to tune on (dje convert makes one)")
     space = parse_search_space(config)
+    config = resolve_store(config)
     if not space:
         raise ConfigError("tune.search_space is empty: declare at least one dotted config path and its domain")
     if not ray.is_initialized():

@@ -31,6 +31,16 @@ def pbmc_store(tmp_path_factory) -> str:
     return dest
 
 
+@pytest.fixture
+def shutdown_ray():
+    """For tests that run a command which starts Ray in this process: stop it afterwards, so the
+    next test that starts its own cluster finds none."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

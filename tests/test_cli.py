@@ -33,6 +33,9 @@ def test_every_subcommand_describes_every_argument(name, capsys):
     (["tune", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["compare", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["evaluate", "no_model", "d.zarr", "--labels-key", "l", "--out", "o"], "no_model is not a checkpoint"),
+    # a wrong store fails at the driver, before Ray starts, naming the absolute path
+    (["train", "tune_configs/smoke.yaml", "--set", "data.store=nowhere.zarr"], "nowhere.zarr does not exist"),
+    (["tune", "tune_configs/smoke.yaml", "--set", "data.store=nowhere.zarr"], "nowhere.zarr does not exist"),
 ])
 def test_bad_input_names_itself(argv, message, capsys):
     assert main(argv) == EXIT_BAD_INPUT
@@ -45,6 +48,7 @@ def test_bad_config_value_is_reported_not_raised(capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.usefixtures("shutdown_ray")
 def test_demo_smoke_on_tiny_settings(tmp_path, capsys):
     """The whole demo (synthetic data -> store -> 2-trial tune -> je and scvi trained -> reports), tiny."""
     code = main(["demo", "tune_configs/demo.yaml", "--set", "train.max_epochs=2", "--set", "tune.num_samples=2",

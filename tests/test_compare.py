@@ -9,6 +9,7 @@ from distributed_je.cli import main
 pytestmark = [pytest.mark.ray, pytest.mark.data]
 
 
+@pytest.mark.usefixtures("shutdown_ray")
 def test_short_compare_writes_table_claims_and_sweep(pbmc_store, tmp_path, capsys):
     out = tmp_path / "compare"
     assert main(["compare", "tune_configs/protocol.yaml", "--set", f"data.store={pbmc_store}",
