@@ -20,7 +20,7 @@ import numpy as np
 from distributed_je.artifact import TrainedModel, load_model
 from distributed_je.config import VARIANTS, Config
 from distributed_je.metrics import balanced_accuracy, knn_predict
-from distributed_je.report import condition_auc
+from distributed_je.report import condition_auc, markdown_table
 from distributed_je.store import LIBRARY_SIZE, TOTAL_COUNTS, open_store
 from distributed_je.synth import diversify_depth
 from distributed_je.training import run_training
@@ -197,36 +197,29 @@ def format_compare(report: dict) -> str:
     with_auc = report["condition_key"] is not None
     protocol = (f"{report['epochs']} epochs, seeds {report['seeds']}; a {KNN_K}-NN classifier fit on cells with "
                 f">= {REFERENCE_MIN_UMIS} UMIs predicts `{report['labels_key']}` of the cells below (mean ± sd).")
-    lines = [f"# Variants compared on `{report['store']}`", "", protocol, "",
-             "| variant | balanced accuracy | accuracy | held-out recon NLL | dist. to f(0) | dist. to origin |"
-             + (" condition AUC |" if with_auc else ""),
-             "|---|---|---|---|---|---|" + ("---|" if with_auc else "")]
-    for v in variants:
-        s = summary[v]
-        line = (f"| {v} | {_pm(s['balanced_accuracy'])} | {_pm(s['accuracy'])} | "
-                f"{s['val_recon_nll'][0]:.1f} ± {s['val_recon_nll'][1]:.1f} | "
-                f"{s['distance_to_bias_point'][0]:.2f} | {s['distance_to_origin'][0]:.2f} |")
-        if with_auc:
-            line += f" {_pm(s['condition_auc'])} |"
-        lines.append(line)
+    header = ["variant", "balanced accuracy", "accuracy", "held-out recon NLL", "dist. to f(0)",
+              "dist. to origin"] + (["condition AUC"] if with_auc else [])
+    variant_rows = [[v, _pm(s["balanced_accuracy"]), _pm(s["accuracy"]),
+                     f"{s['val_recon_nll'][0]:.1f} ± {s['val_recon_nll'][1]:.1f}",
+                     f"{s['distance_to_bias_point'][0]:.2f}", f"{s['distance_to_origin'][0]:.2f}"]
+                    + ([_pm(s["condition_auc"])] if with_auc else []) for v, s in summary.items()]
+    lines = [f"# Variants compared on `{report['store']}`", "", protocol, "", *markdown_table(header, variant_rows)]
     if "thinning_only" in summary:
         lines += ["", "thinning_only trains and validates on thinned copies: its held-out NLL is on those copies "
                   "and does not compare with the others'."]
     bins = list(summary[variants[0]]["by_bin"])
-    lines += ["", "Balanced accuracy by depth bin (UMIs):", "", "| variant | " + " | ".join(bins) + " |",
-              "|---|" + "---|" * len(bins)]
-    for v in variants:
-        lines.append(f"| {v} | " + " | ".join(_pm(summary[v]["by_bin"][b]) if b in summary[v]["by_bin"] else "-"
-                                              for b in bins) + " |")
-    lines += ["", "## The paper's claims", "", "| claim | holds | evidence |", "|---|---|---|"]
-    for claim in report["claims"]:
-        lines.append(f"| {claim['claim']} | {'yes' if claim['holds'] else 'NO'} | {claim['evidence']} |")
+    bin_rows = [[v] + [_pm(summary[v]["by_bin"][b]) if b in summary[v]["by_bin"] else "-" for b in bins]
+                for v in variants]
+    claim_rows = [[c["claim"], "yes" if c["holds"] else "NO", c["evidence"]] for c in report["claims"]]
+    lines += ["", "Balanced accuracy by depth bin (UMIs):", "", *markdown_table(["variant", *bins], bin_rows),
+              "", "## The paper's claims", "", *markdown_table(["claim", "holds", "evidence"], claim_rows)]
     if report["kl_sweep"]:
+        sweep_rows = [[r["variant"], f"{r['kl_weight']:g} ({r['kl_factor']:g}x)", f"{r['balanced_accuracy']:.3f}",
+                       f"{r['distance_to_origin']:.2f}", f"{r['distance_to_bias_point']:.2f}"]
+                      for r in report["kl_sweep"]]
         lines += ["", "## KL-weight sweep (first seed): where the cells below 1,000 UMIs sit", "",
-                  "| variant | KL weight | balanced accuracy | dist. to origin | dist. to f(0) |", "|---|---|---|---|---|"]
-        for r in report["kl_sweep"]:
-            lines.append(f"| {r['variant']} | {r['kl_weight']:g} ({r['kl_factor']:g}x) | {r['balanced_accuracy']:.3f} "
-                         f"| {r['distance_to_origin']:.2f} | {r['distance_to_bias_point']:.2f} |")
+                  *markdown_table(["variant", "KL weight", "balanced accuracy", "dist. to origin", "dist. to f(0)"],
+                                  sweep_rows)]
     lines += ["", "![variants](compare.png)", ""]
     return "\n".join(lines)
 

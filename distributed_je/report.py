@@ -97,10 +97,6 @@ def evaluate_model(model: TrainedModel, data, *, labels_key: str, condition_key:
 
 def _collect(model: TrainedModel, data, *, labels_key: str, condition_key: str | None, seed: int) -> _Collected:
     keys = (labels_key,) + ((condition_key,) if condition_key else ())
-    blocks = model.cell_blocks(data, block_rows=BLOCK_ROWS, obs_keys=keys)
-    first = next(blocks, None)
-    if first is None:
-        raise ValueError(f"{data} has no cells")
     n_cells = _n_cells(data)
     held_fraction = model.config.data.validation_fraction or 0.1
     keep_reference = min(1.0, MAX_REFERENCE_CELLS / max(1.0, n_cells * (1 - held_fraction)))
@@ -108,7 +104,7 @@ def _collect(model: TrainedModel, data, *, labels_key: str, condition_key: str |
     rng = numpy_generator(seed, stream=STREAM_EVALUATION)
     generator = torch_generator(seed, stream=STREAM_EVALUATION)
     collected = _Collected()
-    for block in _chain(first, blocks):
+    for block in model.cell_blocks(data, block_rows=BLOCK_ROWS, obs_keys=keys):
         labels = block.obs[labels_key]
         labelled = ~np.isin(labels, ("nan", "", "None"))
         held_out = validation_mask(block.cell_names, held_fraction)
@@ -127,11 +123,6 @@ def _collect(model: TrainedModel, data, *, labels_key: str, condition_key: str |
             if condition_key:
                 collected.query_conditions.append(block.obs[condition_key][query])
     return collected
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _n_cells(data) -> int:
@@ -238,33 +229,34 @@ def _reconstruction(collected: _Collected, gene_names: list[str]) -> list[dict]:
     return rows
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row of already formatted cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def format_report(report: dict) -> str:
     model = report["model"]
     condition = bool(report["condition_key"])
     data = (f"Data: `{report['data']}`; {report['n_held_out']:,} held-out cells thinned to each depth, "
             f"{report['n_reference']:,} training-split cells at full depth as the {KNN_K}-NN reference "
             f"(labels: `{report['labels_key']}`).")
+    header = ["depth", "median UMIs", "accuracy", "balanced accuracy", "kNN kept", "dist. to f(0)",
+              "dist. to origin"] + (["condition AUC"] if condition else [])
+    depth_rows = [[row["depth"], f"{row['median_umis']:.0f}", f"{row['accuracy']:.3f}",
+                   f"{row['balanced_accuracy']:.3f}", f"{row['knn_kept']:.3f}", f"{row['distance_to_bias_point']:.2f}",
+                   f"{row['distance_to_origin']:.2f}"] + ([f"{row['condition_auc']:.3f}"] if condition else [])
+                  for row in report["depth_response"]]
+    reconstruction_rows = [[row["depth"], f"{row['nll_per_cell']:.1f}", f"{row['median_abs_log2_bias']:.3f}"]
+                           for row in report["reconstruction"]]
     lines = [
         f"# Evaluation: {model['variant']} model ({model['epochs']} epochs, n_latent {model['n_latent']})", "",
-        data, "",
-        "## Depth response", "",
-        "| depth | median UMIs | accuracy | balanced accuracy | kNN kept | dist. to f(0) | dist. to origin |"
-        + (" condition AUC |" if condition else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if condition else ""),
+        data, "", "## Depth response", "",
+        *markdown_table(header, depth_rows),
+        "", "![depth response](depth_response.png)", "", "## Bias point", "", BIAS_POINT_NOTE, "",
+        "![bias point](bias_point.png)", "", "## Reconstruction", "",
+        *markdown_table(["depth", "NLL per cell", "median abs log2(mu/x) over genes"], reconstruction_rows),
     ]
-    for row in report["depth_response"]:
-        line = (f"| {row['depth']} | {row['median_umis']:.0f} | {row['accuracy']:.3f} | "
-                f"{row['balanced_accuracy']:.3f} | {row['knn_kept']:.3f} | {row['distance_to_bias_point']:.2f} | "
-                f"{row['distance_to_origin']:.2f} |")
-        if condition:
-            line += f" {row['condition_auc']:.3f} |"
-        lines.append(line)
-    lines += ["", "![depth response](depth_response.png)", "", "## Bias point", "",
-              BIAS_POINT_NOTE, "",
-              "![bias point](bias_point.png)", "", "## Reconstruction", "",
-              "| depth | NLL per cell | median abs log2(mu/x) over genes |", "|---|---|---|"]
-    for row in report["reconstruction"]:
-        lines.append(f"| {row['depth']} | {row['nll_per_cell']:.1f} | {row['median_abs_log2_bias']:.3f} |")
     lines += ["", "![reconstruction](reconstruction.png)", ""]
     return "\n".join(lines)
 
