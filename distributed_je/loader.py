@@ -6,15 +6,17 @@ Per epoch:
 2. The cells of the split (train or validation, fixed by a hash of each cell's name) are
    laid end to end in that block order and cut into ``world_size`` contiguous shares that
    differ by at most one cell: rank r reads only the blocks its share touches.
-3. A rank reads ``blocks_per_buffer`` blocks into a buffer (a background thread reads the
-   next buffer meanwhile), shuffles the buffer's cells with a seed from (seed, rank, epoch),
-   and cuts minibatches; the remainder carries into the next buffer.
+3. A rank reads ``blocks_per_buffer`` to ``2 * blocks_per_buffer - 1`` blocks into a buffer (a
+   background thread reads the next buffer meanwhile), shuffles the buffer's cells with a seed from (seed, rank, epoch),
+   and cuts minibatches; the cells left over open the next buffer's first batch.
 4. Every rank yields exactly ``batches_per_epoch`` batches, so collectives never hang: a
    training epoch drops fewer than one batch of cells per rank; a validation pass drops none
    (its batches differ in size by at most one cell instead).
 
-Batches hold numpy-decoded rows turned into torch tensors: dense float32 counts, or (with
-``dense=False``) a sparse CSR tensor that the training loop densifies on its device.
+A buffer is one scipy CSR matrix (float32 values decoded straight from the store's chunks), so
+cutting a batch is a row selection in compiled code. Batches are torch tensors: dense float32
+counts, or (with ``dense=False``) a sparse CSR tensor that the training loop densifies on its
+device.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
+from scipy.sparse import _sparsetools  # the kernels behind csr_matrix row indexing and toarray
 
 from distributed_je.config import DataConfig
 from distributed_je.keys import BATCH_INDEX, COUNTS, LABELS, LIBRARY, ROW
 from distributed_je.seeding import numpy_generator
 from distributed_je.split import validation_threshold
-from distributed_je.store import LIBRARY_SIZE, NAME_HASH, CountStore, take_rows
+from distributed_je.store import LIBRARY_SIZE, NAME_HASH, CountStore
 
 SPLITS = ("train", "val", "all")
 
@@ -45,40 +50,57 @@ class Segment:
     hi: int
 
 
-@dataclass
-class _Buffer:
-    """Decoded CSR rows of several blocks with their per-cell covariates."""
+class _Rows(NamedTuple):
+    """CSR rows as bare arrays, float32 values. Batches are cut with scipy's compiled kernels
+    called directly: at 512 cells its Python-level checks cost a third of the work."""
 
-    data: np.ndarray
-    indices: np.ndarray
     indptr: np.ndarray
-    batch_index: np.ndarray
-    library: np.ndarray
-    labels: np.ndarray | None
-    rows: np.ndarray  # each cell's row in the store
+    indices: np.ndarray
+    data: np.ndarray
 
     @property
     def n_cells(self) -> int:
         return len(self.indptr) - 1
 
+    def take(self, rows: np.ndarray) -> _Rows:
+        rows = rows.astype(self.indptr.dtype, copy=False)
+        indptr = np.zeros(len(rows) + 1, dtype=self.indptr.dtype)
+        np.cumsum(self.indptr[rows + 1] - self.indptr[rows], out=indptr[1:])
+        taken = _Rows(indptr, np.empty(indptr[-1], self.indices.dtype), np.empty(indptr[-1], np.float32))
+        _sparsetools.csr_row_index(len(rows), rows, self.indptr, self.indices, self.data, taken.indices, taken.data)
+        return taken
 
-def _take_rows(buffer: _Buffer, rows: np.ndarray) -> _Buffer:
-    positions, indptr = take_rows(buffer.indptr, rows)
-    return _Buffer(
-        buffer.data[positions], buffer.indices[positions], indptr, buffer.batch_index[rows],
-        buffer.library[rows], None if buffer.labels is None else buffer.labels[rows], buffer.rows[rows],
-    )
+    def stack(self, other: _Rows) -> _Rows:
+        dtype = np.result_type(self.indptr, other.indptr)
+        return _Rows(np.concatenate([self.indptr.astype(dtype), other.indptr[1:] + dtype.type(self.indptr[-1])]),
+                     np.concatenate([self.indices, other.indices.astype(self.indices.dtype)]),
+                     np.concatenate([self.data, other.data]))
+
+    def dense(self, n_genes: int) -> np.ndarray:
+        out = np.zeros((self.n_cells, n_genes), dtype=np.float32)
+        _sparsetools.csr_todense(self.n_cells, n_genes, self.indptr, self.indices, self.data, out)
+        return out
 
 
-def _concat(parts: list[_Buffer]) -> _Buffer:
-    offsets = np.cumsum([0] + [len(p.data) for p in parts[:-1]])
-    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)])
-    labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
-    return _Buffer(
-        np.concatenate([p.data for p in parts]), np.concatenate([p.indices for p in parts]), indptr,
-        np.concatenate([p.batch_index for p in parts]), np.concatenate([p.library for p in parts]), labels,
-        np.concatenate([p.rows for p in parts]),
-    )
+@dataclass
+class _Buffer:
+    """Whole blocks as CSR rows with per-cell covariates, and which of its cells to serve."""
+
+    counts: _Rows
+    batch_index: np.ndarray
+    library: np.ndarray
+    labels: np.ndarray | None
+    rows: np.ndarray  # each cell's row in the store
+    serve: np.ndarray  # buffer rows of this rank's share of the split, in block order
+
+
+_Part = dict  # a batch, or a piece of one, before it becomes tensors: key -> _Rows or array
+
+
+def _stack(first: _Part, second: _Part) -> _Part:
+    """The cells carried over from one buffer followed by cells of the next: one batch."""
+    return {key: first[key].stack(second[key]) if key == COUNTS else np.concatenate([first[key], second[key]])
+            for key in first}
 
 
 class StoreLoader:
@@ -100,6 +122,7 @@ class StoreLoader:
         self.batch_key, self.labels_key = batch_key, labels_key
         self.n_batches_store = len(store.categories(batch_key)) if batch_key is not None else 1
         self.threshold = validation_threshold(validation_fraction)
+        self._spent: _Buffer | None = None  # a consumed buffer whose memory the next read reuses
         self.n_blocks = math.ceil(store.n_cells / block_rows)
         self.block_counts = self._count_split_cells()
         self.n_split_cells = int(self.block_counts.sum())
@@ -153,43 +176,64 @@ class StoreLoader:
                 segments.append(Segment(int(block), int(max(lo, start) - start), int(min(hi, end) - start)))
         return segments
 
-    def _read_block(self, segment: Segment) -> _Buffer:
-        start = segment.block * self.block_rows
-        stop = min(start + self.block_rows, self.store.n_cells)
-        rows = self.store.read_rows(start, stop)
-        keep = np.flatnonzero(self._in_split(self.store.obs_values(NAME_HASH, start, stop)))[segment.lo : segment.hi]
-        batch_index = (self.store.obs_codes(self.batch_key, start, stop)[0] if self.batch_key is not None
-                       else np.zeros(stop - start, dtype=np.int64))
-        labels = self.store.obs_codes(self.labels_key, start, stop)[0] if self.labels_key is not None else None
-        library = self.store.obs_values(LIBRARY_SIZE, start, stop).astype(np.float32)
-        block = _Buffer(rows.data, rows.indices, rows.indptr, batch_index, library, labels,
-                        np.arange(start, stop, dtype=np.int64))
-        return _take_rows(block, keep)
+    def _read_buffer(self, segments: list[Segment], reuse: _Buffer | None = None) -> _Buffer:
+        ranges = [(s.block * self.block_rows, min((s.block + 1) * self.block_rows, self.store.n_cells))
+                  for s in segments]
+        serve, offset = [], 0
+        for segment, (start, stop) in zip(segments, ranges):
+            in_split = np.flatnonzero(self._in_split(self.store.obs_values(NAME_HASH, start, stop)))
+            serve.append(offset + in_split[segment.lo : segment.hi])
+            offset += stop - start
 
-    def _read_buffer(self, segments: list[Segment]) -> _Buffer:
-        return _concat([self._read_block(s) for s in segments])
+        def column(read) -> np.ndarray:
+            return np.concatenate([read(start, stop) for start, stop in ranges])
+
+        if self.batch_key is not None:
+            batch_index = column(lambda start, stop: self.store.obs_codes(self.batch_key, start, stop)[0])
+        else:
+            batch_index = np.zeros(offset, dtype=np.int64)
+        labels = (column(lambda start, stop: self.store.obs_codes(self.labels_key, start, stop)[0])
+                  if self.labels_key is not None else None)
+        library = column(lambda start, stop: self.store.obs_values(LIBRARY_SIZE, start, stop)).astype(np.float32)
+        rows = column(lambda start, stop: np.arange(start, stop, dtype=np.int64))
+        counts = self.store.read_csr(ranges, reuse=None if reuse is None else (reuse.counts.data, reuse.counts.indices))
+        return _Buffer(_Rows(counts.indptr, counts.indices, counts.data), batch_index, library, labels, rows, np.concatenate(serve))
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         segments = self.segments(epoch)
-        groups = [segments[i : i + self.blocks_per_buffer] for i in range(0, len(segments), self.blocks_per_buffer)]
+        # buffers of at least blocks_per_buffer blocks each (fewer only if the share has fewer): every batch
+        # mixes that many blocks, the last buffer of an epoch included
+        n_buffers = max(1, len(segments) // self.blocks_per_buffer)
+        cuts = [len(segments) * i // n_buffers for i in range(n_buffers + 1)]
+        groups = [segments[start:stop] for start, stop in zip(cuts, cuts[1:])]
         rng = numpy_generator(self.seed, self.rank, epoch)
         sizes = self._batch_sizes()
+        n_yielded, carry = 0, None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dje-prefetch") as pool:
-            pending: Future | None = pool.submit(self._read_buffer, groups[0]) if groups else None
-            carry: _Buffer | None = None
-            n_yielded, next_group = 0, 1
-            while n_yielded < len(sizes) and pending is not None:
+
+            def read_ahead(group: list[Segment]) -> Future:
+                spent, self._spent = self._spent, None  # its memory is written over
+                return pool.submit(self._read_buffer, group, spent)
+
+            pending = read_ahead(groups[0]) if groups else None
+            for next_group in range(1, len(groups) + 1):
                 buffer = pending.result()
-                pending = pool.submit(self._read_buffer, groups[next_group]) if next_group < len(groups) else None
-                next_group += 1
-                buffer = buffer if carry is None else _concat([carry, buffer])
-                order = rng.permutation(buffer.n_cells) if self.shuffle else np.arange(buffer.n_cells)
+                pending = read_ahead(groups[next_group]) if next_group < len(groups) else None
+                serve = buffer.serve[rng.permutation(len(buffer.serve))] if self.shuffle else buffer.serve
                 offset = 0
-                while n_yielded < len(sizes) and buffer.n_cells - offset >= sizes[n_yielded]:
-                    stop = offset + sizes[n_yielded]
-                    yield self._batch(buffer, order[offset:stop])
-                    offset, n_yielded = stop, n_yielded + 1
-                carry = _take_rows(buffer, order[offset:])
+                while n_yielded < len(sizes):
+                    n_new = sizes[n_yielded] - (0 if carry is None else len(carry[LIBRARY]))
+                    if offset + n_new > len(serve):
+                        break
+                    part = self._take(buffer, serve[offset : offset + n_new])
+                    yield self._to_tensors(part if carry is None else _stack(carry, part))
+                    offset, carry, n_yielded = offset + n_new, None, n_yielded + 1
+                if n_yielded < len(sizes):
+                    rest = self._take(buffer, serve[offset:])
+                    carry = rest if carry is None else _stack(carry, rest)
+                self._spent = buffer  # batches and carry are copies: nothing refers to its memory any more
+                if n_yielded == len(sizes):
+                    break
         if n_yielded != len(sizes):
             raise RuntimeError(f"rank {self.rank} yielded {n_yielded} of {len(sizes)} batches in epoch {epoch}")
 
@@ -200,28 +244,22 @@ class StoreLoader:
         base, extra = divmod(hi - lo, self.batches_per_epoch)
         return [base + (i < extra) for i in range(self.batches_per_epoch)]
 
-    def _batch(self, buffer: _Buffer, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """The buffer's ``rows`` as one minibatch: a gather of their non-zeros, then (dense) a scatter."""
-        positions, crow = take_rows(buffer.indptr, rows)
-        values, columns = buffer.data[positions], buffer.indices[positions]
-        n_cells, n_genes = len(rows), self.store.n_genes
-        if self.dense:
-            counts = np.zeros(n_cells * n_genes, dtype=np.float32)
-            counts[np.repeat(np.arange(0, n_cells * n_genes, n_genes), np.diff(crow)) + columns] = values
-            counts_tensor = torch.from_numpy(counts).view(n_cells, n_genes)
-        else:
-            counts_tensor = torch.sparse_csr_tensor(
-                torch.from_numpy(crow), torch.from_numpy(columns.astype(np.int64)),
-                torch.from_numpy(values.astype(np.float32)), (n_cells, n_genes))
-        batch = {
-            COUNTS: counts_tensor,
-            BATCH_INDEX: torch.from_numpy(buffer.batch_index[rows]),
-            LIBRARY: torch.from_numpy(buffer.library[rows]),
-        }
+    def _take(self, buffer: _Buffer, rows: np.ndarray) -> _Part:
+        part = {COUNTS: buffer.counts.take(rows), BATCH_INDEX: buffer.batch_index[rows], LIBRARY: buffer.library[rows]}
         if buffer.labels is not None:
-            batch[LABELS] = torch.from_numpy(buffer.labels[rows])
+            part[LABELS] = buffer.labels[rows]
         if self.with_rows:
-            batch[ROW] = torch.from_numpy(buffer.rows[rows])
+            part[ROW] = buffer.rows[rows]
+        return part
+
+    def _to_tensors(self, part: _Part) -> dict[str, torch.Tensor]:
+        batch = {key: torch.from_numpy(value) for key, value in part.items() if key != COUNTS}
+        counts = part[COUNTS]
+        if self.dense:
+            batch[COUNTS] = torch.from_numpy(counts.dense(self.store.n_genes))
+        else:
+            batch[COUNTS] = torch.sparse_csr_tensor(torch.from_numpy(counts.indptr), torch.from_numpy(counts.indices),
+                                                    torch.from_numpy(counts.data), (counts.n_cells, self.store.n_genes))
         return batch
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 
 from distributed_je.augment import binomial_thin, sample_thinning_probability
 from distributed_je.config import AugmentConfig, LossConfig, ModelConfig
-from distributed_je.distributions import kl_normal_standard, reconstruction_nll
+from distributed_je.distributions import kl_normal_standard, nonzero_positions, reconstruction_nll
 from distributed_je.keys import BATCH_INDEX, COUNTS
 from distributed_je.losses import cross_correlation_loss
 from distributed_je.nn import Decoder, Encoder
@@ -81,28 +81,29 @@ class JESCVI(nn.Module):
         batch_index = batch.get(BATCH_INDEX)
         one_hot = self._one_hot(batch_index, counts.shape[0], counts.device)
         library = counts.sum(1, keepdim=True)  # (n_cells, 1) UMIs
+        nonzero = nonzero_positions(counts)  # also covers the thinned copy's non-zeros
         variant = self.model_config.variant
 
         thinned = None
         if variant != "scvi":
             p = sample_thinning_probability(library, self.augment_config.min_library_size, generator=generator)
-            thinned = binomial_thin(counts, p, generator=generator)
+            thinned = binomial_thin(counts, p, generator=generator, nonzero=nonzero)
 
         if variant == "thinning_only":  # SCVI trained on thinned counts: the thinned copy is the cell
             counts, library = thinned, thinned.sum(1, keepdim=True)
         # denoising encodes the thinned view but reconstructs the original counts, so the
         # decoder scales by the original library L: the target is y, whose depth is L.
         encoder_input = thinned if variant == "denoising" else counts
-        q_mean, q_var = self.encoder(encoder_input, one_hot)
+        q_mean, q_var = self.encoder(encoder_input, one_hot, nonzero)
         z = self._sample(q_mean, q_var, generator)
 
         mu, theta, zi_logits = self.decoder(z, library, batch_index, one_hot)
-        recon_nll = reconstruction_nll(self.model_config.likelihood, counts, mu, theta, zi_logits).mean()
+        recon_nll = reconstruction_nll(self.model_config.likelihood, counts, mu, theta, zi_logits, nonzero).mean()
         kl = kl_normal_standard(q_mean, q_var).mean()
 
         cco = torch.zeros((), device=counts.device)
         if self.weights.je > 0:
-            t_mean, t_var = self.encoder(thinned, one_hot)
+            t_mean, t_var = self.encoder(thinned, one_hot, nonzero)
             if self.loss_config.je_latent == "mean":
                 z_view, z_thin = q_mean, t_mean
             else:

@@ -74,3 +74,22 @@ def test_thinning_probability_is_log_uniform_between_min_library_and_library():
 def test_cells_below_min_library_are_not_thinned():
     p = sample_thinning_probability(torch.tensor([[3.0], [0.0], [10.0]]), 10.0)
     assert torch.equal(p, torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("count", [1, 3, 64, 65, 500])  # either side of LARGE_COUNT: per-UMI and torch.binomial
+def test_draws_have_the_binomial_mean_and_variance(count):
+    x = torch.full((200, 50), float(count))
+    p = torch.linspace(0.05, 0.95, 200)
+    y = binomial_thin(x, p, generator=torch.Generator().manual_seed(3))
+    n = x.shape[1]
+    mean, var = y.mean(1), y.var(1)
+    expected_mean, expected_var = count * p, count * p * (1 - p)
+    assert ((mean - expected_mean).abs() <= 5 * (expected_var / n).sqrt() + 1e-6).all()
+    assert ((var - expected_var).abs() <= 6 * expected_var * (2 / (n - 1)) ** 0.5 + 1e-6).all()
+
+
+def test_superset_of_positions_gives_the_same_draw():
+    x, p = counts(), torch.rand(50)
+    exact = binomial_thin(x, p, generator=torch.Generator().manual_seed(4))
+    superset = binomial_thin(x, p, generator=torch.Generator().manual_seed(4), nonzero=torch.arange(x.numel()))
+    assert torch.equal(exact, superset)

@@ -64,10 +64,14 @@ def test_nb_nll_per_cell_equals_the_dense_sum_with_gradients(per_cell_theta):
     mu = (torch.rand(20, 30, generator=g).double() * 5 + 0.1).requires_grad_()
     shape = (20, 30) if per_cell_theta else (1, 30)
     theta = (torch.rand(shape, generator=g).double() * 3 + 0.1).requires_grad_()
+    weights = torch.rand(20, generator=g).double()  # a different gradient for every cell
     fast = nb_nll_per_cell(x, mu, theta)
     dense = -log_nb(x, mu, theta).sum(-1)
     assert torch.allclose(fast, dense, atol=1e-9)
-    fast_grads = torch.autograd.grad(fast.sum(), (mu, theta))
-    dense_grads = torch.autograd.grad(dense.sum(), (mu, theta))
+    fast_grads = torch.autograd.grad((fast * weights).sum(), (mu, theta))
+    dense_grads = torch.autograd.grad((dense * weights).sum(), (mu, theta))
     for a, b in zip(fast_grads, dense_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
+    superset = torch.arange(x.numel())  # positions of zeros as well: they add nothing
+    assert torch.allclose(nb_nll_per_cell(x, mu, theta, nonzero=superset), dense, atol=1e-9)
+    assert torch.autograd.gradcheck(lambda m, t: nb_nll_per_cell(x, m, t), (mu, theta))

@@ -10,6 +10,7 @@ from distributed_je.convert import convert
 from distributed_je.keys import BATCH_INDEX, COUNTS, LABELS, LIBRARY, ROW
 from distributed_je.loader import StoreLoader
 from distributed_je.split import validation_mask
+from distributed_je import store as store_module
 from distributed_je.store import open_store
 
 N_CELLS, N_GENES = 1003, 30
@@ -27,7 +28,10 @@ def store_and_counts(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "s.h5ad"
     anndata.AnnData(X=sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(N_GENES)])).write_h5ad(path)
     dest = str(path.parent / "s.zarr")
-    convert(path, dest, batch_key="batch", labels_key="idx", progress=False)
+    with pytest.MonkeyPatch.context() as patch:  # small chunks and shards: blocks span several of each
+        patch.setattr(store_module, "CHUNK_ELEMENTS", 64)
+        patch.setattr(store_module, "SHARD_CHUNKS", 4)
+        convert(path, dest, batch_key="batch", labels_key="idx", progress=False)
     return open_store(dest), x, np.array(names)
 
 
@@ -70,14 +74,17 @@ def test_validation_pass_covers_every_held_out_cell_once(store_and_counts, world
 
 
 def test_batches_hold_the_store_rows(store_and_counts):
+    """Every batch of two epochs, all kept until the end: buffers reuse their memory, batches must not share it."""
     store, x, _ = store_and_counts
-    batch = next(iter(loader(store, split="all", with_rows=True).epoch(3)))
-    rows = batch[LABELS].numpy()
-    np.testing.assert_array_equal(batch[ROW].numpy(), rows)  # the label column is the row index
-    np.testing.assert_array_equal(batch[COUNTS].numpy(), x[rows])
-    np.testing.assert_array_equal(batch[LIBRARY].numpy(), x[rows].sum(1))
-    np.testing.assert_array_equal(batch[BATCH_INDEX].numpy(), rows % 3)  # batches a, b, c in turn
-    assert batch[COUNTS].dtype == torch.float32 and batch[BATCH_INDEX].dtype == torch.int64
+    shuffled = loader(store, split="all", with_rows=True, blocks_per_buffer=1)
+    batches = list(shuffled.epoch(3)) + list(shuffled.epoch(4))
+    for batch in batches:
+        rows = batch[LABELS].numpy()
+        np.testing.assert_array_equal(batch[ROW].numpy(), rows)  # the label column is the row index
+        np.testing.assert_array_equal(batch[COUNTS].numpy(), x[rows])
+        np.testing.assert_array_equal(batch[LIBRARY].numpy(), x[rows].sum(1))
+        np.testing.assert_array_equal(batch[BATCH_INDEX].numpy(), rows % 3)  # batches a, b, c in turn
+    assert batches[0][COUNTS].dtype == torch.float32 and batches[0][BATCH_INDEX].dtype == torch.int64
 
 
 def test_csr_mode_matches_dense(store_and_counts):
