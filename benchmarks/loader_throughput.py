@@ -3,8 +3,8 @@
 Stores of 100k and 1M cells are made with `dje synth` from pbmc3k (2,000 seurat_v3 genes),
 kept under --work between runs. Every reader runs in its own process pinned to one core
 (taskset), serves batches of 512 cells as dense float32 (ours also as CSR), and reports
-steady-state cells/s (after a warm-up of 20 batches; the median of --repeats processes), peak
-RSS and how many distinct source blocks of 4,096 rows each batch mixes (the batch diversity).
+steady-state cells/s (after a warm-up of 20 batches; the median of 5 windows in each of
+--repeats processes, then the median over processes), peak RSS and how many distinct source blocks of 4,096 rows each batch mixes (the batch diversity).
 
     .venv/bin/python benchmarks/loader_throughput.py            (needs `make bench-env` for scdataset)
 """
@@ -34,19 +34,22 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def measure(batches, n_cells: int) -> dict:
-    """Cells/s over ``n_cells`` after a warm-up; distinct 4,096-row blocks per batch where rows are known."""
+def measure(batches, n_cells: int, windows: int = 5) -> dict:
+    """Cells/s over ``n_cells`` after a warm-up, as the median of ``windows`` equal windows (robust to
+    a hiccup of this shared machine); distinct 4,096-row blocks per batch where rows are known."""
     iterator = iter(batches)
     for _ in range(WARMUP):
         next(iterator)
-    diversity, served, start = [], 0, time.perf_counter()
-    while served < n_cells:
-        counts, rows = next(iterator)
-        served += counts.shape[0]
-        if rows is not None:
-            diversity.append(len(np.unique(np.asarray(rows) // DIVERSITY_BLOCK)))
-    seconds = time.perf_counter() - start
-    return {"cells_per_s": served / seconds, "peak_rss_mb": peak_rss_mb(),
+    diversity, rates = [], []
+    for _ in range(windows):
+        served, start = 0, time.perf_counter()
+        while served < n_cells // windows:
+            counts, rows = next(iterator)
+            served += counts.shape[0]
+            if rows is not None:
+                diversity.append(len(np.unique(np.asarray(rows) // DIVERSITY_BLOCK)))
+        rates.append(served / (time.perf_counter() - start))
+    return {"cells_per_s": float(np.median(rates)), "peak_rss_mb": peak_rss_mb(),
             "diversity_min": min(diversity) if diversity else None,
             "diversity_mean": float(np.mean(diversity)) if diversity else None}
 
@@ -149,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/dje_loader_bench"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--cells", type=int, default=1_000_000, help="cells served per measurement")
+    parser.add_argument("--cells", type=int, default=2_000_000, help="cells served per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per reader; the table gives medians")
     parser.add_argument("--readers", nargs="+", default=list(READERS))
     parser.add_argument("--one", nargs=3, metavar=("READER", "STORE", "H5AD"), help=argparse.SUPPRESS)

@@ -25,6 +25,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from loader_throughput import peak_rss_mb, prepare  # noqa: E402  (same stores as the loader benchmark)
 
+from distributed_je.store import open_store  # noqa: E402
+
 WARM_STEPS = 10
 
 
@@ -93,11 +95,12 @@ def child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def steady(tool: str, data: str, batch_size: int, steps: int, variant: str = "") -> dict:
-    """Cells/s over ``steps`` steady steps: the difference of a long and a short run."""
+def steady(tool: str, data: str, batch_size: int, steps: int, n_cells: int, variant: str = "") -> dict:
+    """Cells/s over ``steps`` steady steps: the difference of a long and a short run. A batch holds
+    at most the data's ``n_cells``."""
     args = [tool, data, str(batch_size)] + ([variant] if variant else [])
     short, long = child(args + [str(WARM_STEPS)]), child(args + [str(WARM_STEPS + steps)])
-    return {"cells_per_s": steps * batch_size / (long["seconds"] - short["seconds"]),
+    return {"cells_per_s": steps * min(batch_size, n_cells) / (long["seconds"] - short["seconds"]),
             "peak_rss_mb": long["peak_rss_mb"]}
 
 
@@ -130,11 +133,12 @@ def main() -> None:
 
     rows = []
     for name, store, h5ad in (("pbmc3k", pbmc_store, pbmc_h5ad), ("synthetic 1M", atlas_store, atlas_h5ad)):
+        n_cells = open_store(store).n_cells
         for batch_size in args.batch_sizes:
             steps = max(8, args.steps * 128 // batch_size)
-            result = {"scvi": steady("ours", store, batch_size, steps, "scvi"),
-                      "je": steady("ours", store, batch_size, steps, "je"),
-                      "scvi-tools": steady("scvi-tools", h5ad, batch_size, steps)}
+            result = {"scvi": steady("ours", store, batch_size, steps, n_cells, "scvi"),
+                      "je": steady("ours", store, batch_size, steps, n_cells, "je"),
+                      "scvi-tools": steady("scvi-tools", h5ad, batch_size, steps, n_cells)}
             rows.append((name, batch_size, result))
             print(f"  {name} batch {batch_size}: {result}", file=sys.stderr, flush=True)
 
