@@ -13,8 +13,8 @@ Per epoch:
    training epoch drops fewer than one batch of cells per rank; a validation pass drops none
    (its batches differ in size by at most one cell instead).
 
-A buffer is one scipy CSR matrix (float32 values decoded straight from the store's chunks), so
-cutting a batch is a row selection in compiled code. Batches are torch tensors: dense float32
+A buffer is one set of CSR rows (``store.CsrRows``: float32 values decoded straight from the
+store's chunks), so cutting a batch is a row selection in compiled code. Batches are torch tensors: dense float32
 counts, or (with ``dense=False``) a sparse CSR tensor that the training loop densifies on its
 device.
 """
@@ -26,17 +26,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
-from scipy.sparse import _sparsetools  # the kernels behind csr_matrix row indexing and toarray
 
 from distributed_je.config import DataConfig
 from distributed_je.keys import BATCH_INDEX, COUNTS, LABELS, LIBRARY, ROW
 from distributed_je.seeding import numpy_generator
 from distributed_je.split import validation_threshold
-from distributed_je.store import LIBRARY_SIZE, NAME_HASH, CountStore
+from distributed_je.store import LIBRARY_SIZE, NAME_HASH, CountStore, CsrRows
 
 SPLITS = ("train", "val", "all")
 
@@ -50,43 +47,11 @@ class Segment:
     hi: int
 
 
-class _Rows(NamedTuple):
-    """CSR rows as bare arrays, float32 values. Batches are cut with scipy's compiled kernels
-    called directly: at 512 cells its Python-level checks cost a third of the work."""
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.indptr) - 1
-
-    def take(self, rows: np.ndarray) -> _Rows:
-        rows = rows.astype(self.indptr.dtype, copy=False)
-        indptr = np.zeros(len(rows) + 1, dtype=self.indptr.dtype)
-        np.cumsum(self.indptr[rows + 1] - self.indptr[rows], out=indptr[1:])
-        taken = _Rows(indptr, np.empty(indptr[-1], self.indices.dtype), np.empty(indptr[-1], np.float32))
-        _sparsetools.csr_row_index(len(rows), rows, self.indptr, self.indices, self.data, taken.indices, taken.data)
-        return taken
-
-    def stack(self, other: _Rows) -> _Rows:
-        dtype = np.result_type(self.indptr, other.indptr)
-        return _Rows(np.concatenate([self.indptr.astype(dtype), other.indptr[1:] + dtype.type(self.indptr[-1])]),
-                     np.concatenate([self.indices, other.indices.astype(self.indices.dtype)]),
-                     np.concatenate([self.data, other.data]))
-
-    def dense(self, n_genes: int) -> np.ndarray:
-        out = np.zeros((self.n_cells, n_genes), dtype=np.float32)
-        _sparsetools.csr_todense(self.n_cells, n_genes, self.indptr, self.indices, self.data, out)
-        return out
-
-
 @dataclass
 class _Buffer:
     """Whole blocks as CSR rows with per-cell covariates, and which of its cells to serve."""
 
-    counts: _Rows
+    counts: CsrRows
     batch_index: np.ndarray
     library: np.ndarray
     labels: np.ndarray | None
@@ -94,7 +59,7 @@ class _Buffer:
     serve: np.ndarray  # buffer rows of this rank's share of the split, in block order
 
 
-_Part = dict  # a batch, or a piece of one, before it becomes tensors: key -> _Rows or array
+_Part = dict  # a batch, or a piece of one, before it becomes tensors: key -> CsrRows or array
 
 
 def _stack(first: _Part, second: _Part) -> _Part:
@@ -196,8 +161,8 @@ class StoreLoader:
                   if self.labels_key is not None else None)
         library = column(lambda start, stop: self.store.obs_values(LIBRARY_SIZE, start, stop)).astype(np.float32)
         rows = column(lambda start, stop: np.arange(start, stop, dtype=np.int64))
-        counts = self.store.read_csr(ranges, reuse=None if reuse is None else (reuse.counts.data, reuse.counts.indices))
-        return _Buffer(_Rows(counts.indptr, counts.indices, counts.data), batch_index, library, labels, rows, np.concatenate(serve))
+        counts = self.store.read_csr(ranges, reuse=None if reuse is None else reuse.counts)
+        return _Buffer(counts, batch_index, library, labels, rows, np.concatenate(serve))
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         segments = self.segments(epoch)

@@ -20,12 +20,11 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
+from scipy.sparse import _sparsetools  # the kernels behind csr_matrix row indexing and toarray
 import zarr
 from zarr.codecs import BloscCodec
 
@@ -208,24 +207,43 @@ def take_rows(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _room(previous: np.ndarray | None, n: int, dtype) -> np.ndarray:
     """An array of ``n`` elements: inside ``previous``'s memory when it fits, else new with 25% to spare."""
     memory = None if previous is None else previous if previous.base is None else previous.base
-    # scipy copies a view of an array over twice its size, so larger memory is not reused
-    if memory is not None and memory.dtype == dtype and memory.ndim == 1 and n <= len(memory) <= 2 * n:
+    if memory is not None and memory.dtype == dtype and memory.ndim == 1 and len(memory) >= n:
         return memory[:n]
     return np.empty(n + n // 4, dtype)[:n]
 
 
-@dataclass(frozen=True)
-class RowBlock:
-    """CSR rows [start, stop) of a store: ``indptr`` starts at 0."""
+class CsrRows(NamedTuple):
+    """CSR rows as bare arrays (``indptr`` starts at 0). Rows are selected and densified by
+    scipy's compiled kernels, called directly: at 512 cells the Python-level checks of
+    ``csr_matrix`` indexing cost a third of the work. Those kernels want indices of the
+    indptr's dtype (int32 or int64)."""
 
-    start: int
-    data: np.ndarray
-    indices: np.ndarray
     indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
 
     @property
     def n_cells(self) -> int:
         return len(self.indptr) - 1
+
+    def take(self, rows: np.ndarray) -> CsrRows:
+        rows = rows.astype(self.indptr.dtype, copy=False)
+        indptr = np.zeros(len(rows) + 1, dtype=self.indptr.dtype)
+        np.cumsum(self.indptr[rows + 1] - self.indptr[rows], out=indptr[1:])
+        taken = CsrRows(indptr, np.empty(indptr[-1], self.indices.dtype), np.empty(indptr[-1], self.data.dtype))
+        _sparsetools.csr_row_index(len(rows), rows, self.indptr, self.indices, self.data, taken.indices, taken.data)
+        return taken
+
+    def stack(self, other: CsrRows) -> CsrRows:
+        dtype = np.result_type(self.indptr, other.indptr)
+        return CsrRows(np.concatenate([self.indptr.astype(dtype), other.indptr[1:] + dtype.type(self.indptr[-1])]),
+                       np.concatenate([self.indices, other.indices.astype(self.indices.dtype)]),
+                       np.concatenate([self.data, other.data]))
+
+    def dense(self, n_genes: int) -> np.ndarray:
+        out = np.zeros((self.n_cells, n_genes), dtype=self.data.dtype)
+        _sparsetools.csr_todense(self.n_cells, n_genes, self.indptr, self.indices, self.data, out)
+        return out
 
 
 class CountStore:
@@ -252,34 +270,33 @@ class CountStore:
                                                    for name in ("data", "indices", "indptr"))
         self._obs_cache: dict[str, VectorReader | tuple[VectorReader, list[str]]] = {}
 
-    def read_rows(self, start: int, stop: int) -> RowBlock:
+    def read_rows(self, start: int, stop: int) -> CsrRows:
+        """Rows [start, stop) with the store's own dtypes (uint16/uint32 counts and indices)."""
         indptr = self._indptr[start : stop + 1]
         data = self._data[indptr[0] : indptr[-1]]
         indices = self._indices[indptr[0] : indptr[-1]]
-        return RowBlock(start, data, indices, (indptr - indptr[0]).astype(np.int64))
+        return CsrRows((indptr - indptr[0]).astype(np.int64), indices, data)
 
-    def read_csr(self, ranges: list[tuple[int, int]],
-                 reuse: tuple[np.ndarray, np.ndarray] | None = None) -> sp.csr_matrix:
-        """The rows of several ranges [start, stop), stacked, with float32 values.
+    def read_csr(self, ranges: list[tuple[int, int]], reuse: CsrRows | None = None) -> CsrRows:
+        """The rows of several ranges [start, stop), stacked, ready for ``take`` and ``dense``.
 
         Values are decoded straight into one float32 array and indices into one int32 array
-        (int64 beyond 2**31 non-zeros), whose dtypes scipy's row indexing takes without copies.
-        ``reuse``: the (data, indices) of an earlier result that is no longer needed; their memory
-        is written over (touching fresh pages costs several times more than decoding into them).
+        (int64 beyond 2**31 non-zeros). ``reuse``: an earlier result that is no longer needed;
+        its memory is written over (touching fresh pages costs several times more than
+        decoding into them).
         """
         bounds = [self._indptr[start : stop + 1] for start, stop in ranges]
         nnz = [int(b[-1] - b[0]) for b in bounds]
         index_dtype = np.int32 if sum(nnz) < np.iinfo(np.int32).max else np.int64
-        previous_data, previous_indices = (None, None) if reuse is None else reuse
-        data, indices = _room(previous_data, sum(nnz), np.float32), _room(previous_indices, sum(nnz), index_dtype)
+        data = _room(None if reuse is None else reuse.data, sum(nnz), np.float32)
+        indices = _room(None if reuse is None else reuse.indices, sum(nnz), index_dtype)
         indptr, offset = [np.zeros(1, index_dtype)], 0
         for b, n in zip(bounds, nnz):
             self._data.read(int(b[0]), int(b[-1]), out=data[offset : offset + n])
             self._indices.read(int(b[0]), int(b[-1]), out=indices[offset : offset + n])
             indptr.append((b[1:] - b[0] + offset).astype(index_dtype))
             offset += n
-        return sp.csr_matrix((data, indices, np.concatenate(indptr)),
-                             shape=(sum(stop - start for start, stop in ranges), self.n_genes))
+        return CsrRows(np.concatenate(indptr), indices, data)
 
     @property
     def obs_columns(self) -> list[str]:
