@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distributed_je.distributions import nonzero_positions
+from distributed_je.sparse import drop_zeros, nonzero_positions
 
 LARGE_COUNT = 64  # entries with more UMIs are drawn with torch.binomial: bounds the per-UMI work and memory
 
@@ -14,7 +14,8 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
                   nonzero: torch.Tensor | None = None) -> torch.Tensor:
     """Draw y* ~ Binomial(y, p) elementwise, with one success probability per cell.
 
-    ``x`` holds counts, dense (n_cells, n_genes) or a sparse CSR tensor; ``p`` has shape
+    ``x`` holds counts, dense (n_cells, n_genes) or a sparse CSR tensor (the result then stores
+    only its own non-zeros); ``p`` has shape
     (n_cells,) or (n_cells, 1). Only the non-zeros are drawn, in row-major order, so a
     dense and a sparse copy of the same counts give the same draw from the same generator.
     ``nonzero``: the flat positions of a dense ``x``'s non-zeros in increasing order, if already
@@ -30,7 +31,7 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
         crow = x.crow_indices()
         rows = torch.repeat_interleave(torch.arange(n_cells, device=x.device), crow[1:] - crow[:-1])
         values = _draw(x.values(), rows, p, generator)
-        return torch.sparse_csr_tensor(crow, x.col_indices(), values, x.shape)
+        return drop_zeros(torch.sparse_csr_tensor(crow, x.col_indices(), values, x.shape))
     if x.layout != torch.strided:
         raise ValueError(f"binomial_thin takes dense or sparse CSR counts, got layout {x.layout}")
     positions = nonzero_positions(x) if nonzero is None else nonzero

@@ -7,9 +7,10 @@ zero-inflation probability.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from distributed_je.sparse import nonzero_positions
 
 EPS = 1e-8  # keeps log() finite where a rate underflows to zero
 
@@ -97,14 +98,6 @@ class _NBNegLogLikelihood(torch.autograd.Function):
                 grad_theta = (log_total + theta_over_total - d_theta_log_theta) * grad[:, None]
                 grad_theta.view(-1).index_add_(0, nonzero, at_nonzeros + grad_nz * torch.digamma(theta_nz))
         return None, grad_mu, grad_theta, None
-
-
-def nonzero_positions(x: torch.Tensor) -> torch.Tensor:
-    """Flat (row-major) positions of the non-zeros of a dense 2-D tensor, in increasing order."""
-    flat = x.detach().contiguous().view(-1)
-    if x.device.type == "cpu":  # numpy on a boolean mask: ~2.5x faster than torch's CPU nonzero
-        return torch.from_numpy(np.flatnonzero(flat.numpy() != 0))
-    return flat.nonzero().squeeze(1)
 
 
 def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:

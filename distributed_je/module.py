@@ -15,10 +15,11 @@ from torch import nn
 
 from distributed_je.augment import binomial_thin, sample_thinning_probability
 from distributed_je.config import AugmentConfig, LossConfig, ModelConfig
-from distributed_je.distributions import kl_normal_standard, nonzero_positions, reconstruction_nll
+from distributed_je.distributions import kl_normal_standard, reconstruction_nll
 from distributed_je.keys import BATCH_INDEX, COUNTS
 from distributed_je.losses import cross_correlation_loss
 from distributed_je.nn import Decoder, Encoder
+from distributed_je.sparse import for_encoder, nonzero_positions, stack_rows
 
 
 class LossOutput(NamedTuple):
@@ -82,19 +83,26 @@ class JESCVI(nn.Module):
         one_hot = self._one_hot(batch_index, counts.shape[0], counts.device)
         library = counts.sum(1, keepdim=True)  # (n_cells, 1) UMIs
         nonzero = nonzero_positions(counts)  # also covers the thinned copy's non-zeros
+        view = for_encoder(counts, nonzero)  # sparse on CPU: thinning and encoder read the non-zeros only
         variant = self.model_config.variant
 
         thinned = None
         if variant != "scvi":
             p = sample_thinning_probability(library, self.augment_config.min_library_size, generator=generator)
-            thinned = binomial_thin(counts, p, generator=generator, nonzero=nonzero)
-
+            thinned = binomial_thin(view, p, generator=generator, nonzero=nonzero)
         if variant == "thinning_only":  # SCVI trained on thinned counts: the thinned copy is the cell
-            counts, library = thinned, thinned.sum(1, keepdim=True)
+            counts = thinned.to_dense()
+            library = counts.sum(1, keepdim=True)
         # denoising encodes the thinned view but reconstructs the original counts, so the
         # decoder scales by the original library L: the target is y, whose depth is L.
-        encoder_input = thinned if variant == "denoising" else counts
-        q_mean, q_var = self.encoder(encoder_input, one_hot, nonzero)
+        if variant in ("thinning_only", "denoising"):
+            view = thinned
+
+        if self.weights.je > 0:  # both views through the encoder at once, BatchNorm per view
+            mean, var = self.encoder(stack_rows([view, thinned]), one_hot.repeat(2, 1), n_views=2)
+            (q_mean, t_mean), (q_var, t_var) = mean.chunk(2), var.chunk(2)
+        else:
+            q_mean, q_var = self.encoder(view, one_hot)
         z = self._sample(q_mean, q_var, generator)
 
         mu, theta, zi_logits = self.decoder(z, library, batch_index, one_hot)
@@ -103,7 +111,6 @@ class JESCVI(nn.Module):
 
         cco = torch.zeros((), device=counts.device)
         if self.weights.je > 0:
-            t_mean, t_var = self.encoder(thinned, one_hot, nonzero)
             if self.loss_config.je_latent == "mean":
                 z_view, z_thin = q_mean, t_mean
             else:

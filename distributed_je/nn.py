@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distributed_je.sparse import for_encoder, map_values, sparse_linear
+
 VAR_EPS = 1e-4  # floor of the posterior variance, as in scvi-tools
 
 
@@ -27,11 +29,20 @@ class FCLayers(nn.Module):
             for n_from, n_to in zip(sizes[:-1], sizes[1:])
         )
 
-    def forward(self, x: torch.Tensor, batch_one_hot: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layers:
-            if self.n_batches:
-                x = torch.cat([x, batch_one_hot], dim=-1)
-            x = layer(x)
+    def forward(self, x: torch.Tensor, batch_one_hot: torch.Tensor | None, n_views: int = 1) -> torch.Tensor:
+        """``x``: dense, or sparse CSR (read at its non-zeros by the first layer). Its rows may be
+        ``n_views`` views of the same cells stacked: one matmul for all, BatchNorm per view, so
+        the result equals one call per view."""
+        for linear, norm, *rest in self.layers:
+            if x.layout == torch.sparse_csr:
+                x = sparse_linear(x, batch_one_hot if self.n_batches else None, linear.weight, linear.bias)
+            else:
+                if self.n_batches:
+                    x = torch.cat([x, batch_one_hot], dim=-1)
+                x = linear(x)
+            x = norm(x) if n_views == 1 else torch.cat([norm(view) for view in x.chunk(n_views)])
+            for module in rest:
+                x = module(x)
         return x
 
 
@@ -46,15 +57,14 @@ class Encoder(nn.Module):
         self.log_var = nn.Linear(n_hidden, n_latent)
 
     def forward(self, counts: torch.Tensor, batch_one_hot: torch.Tensor | None,
-                nonzero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``nonzero``: flat positions covering the non-zeros of ``counts``, if known: log1p is then
-        taken there only (log1p(0) = 0), ~2.5x faster on CPU than over the whole matrix."""
-        if nonzero is None:
-            log_counts = torch.log1p(counts)
+                n_views: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``counts``: dense or sparse CSR, possibly ``n_views`` stacked views (see FCLayers)."""
+        counts = for_encoder(counts)
+        if counts.layout == torch.sparse_csr:
+            log_counts = map_values(counts, torch.log1p)  # log1p(0) = 0: the non-zeros stay where they are
         else:
-            values = torch.log1p(counts.reshape(-1).index_select(0, nonzero))
-            log_counts = torch.zeros_like(counts).view(-1).index_copy_(0, nonzero, values).view(counts.shape)
-        h = self.body(log_counts, batch_one_hot)
+            log_counts = torch.log1p(counts)
+        h = self.body(log_counts, batch_one_hot, n_views)
         # float32 out of any autocast region: the KL and the likelihood need the precision
         return self.mean(h).float(), torch.exp(self.log_var(h).float()) + VAR_EPS
 

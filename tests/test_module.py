@@ -117,3 +117,26 @@ def test_training_on_real_pbmc3k_lowers_held_out_nll(pbmc3k_path):
     assert after < 0.8 * before
     assert state.history[-1]["train_loss"] < state.history[0]["train_loss"]
     assert state.history[-1]["val_cco"] < state.history[0]["val_cco"]
+
+
+@pytest.mark.parametrize("variant", ["scvi", "je", "thinning_only"])
+def test_sparse_and_dense_encoder_inputs_give_the_same_objective(variant, monkeypatch):
+    from distributed_je import sparse
+    from tests.test_sparse import sparse_counts
+
+    counts = sparse_counts(n_cells=48, n_genes=200, density=0.06)
+    batch = {COUNTS: counts, BATCH_INDEX: torch.arange(48) % 2}
+    config = load_config(None, [f"model.variant={variant}"])
+    results = {}
+    for layout, max_density in [("sparse", 1.0), ("dense", 0.0)]:
+        monkeypatch.setattr(sparse, "MAX_SPARSE_DENSITY", max_density)
+        model = build_model(config, 200, 2)
+        torch.manual_seed(0)  # dropout
+        out = model(batch, generator=torch.Generator().manual_seed(1))
+        out.loss.backward()
+        results[layout] = out, {name: p.grad for name, p in model.named_parameters()}
+    (out_s, grads_s), (out_d, grads_d) = results["sparse"], results["dense"]
+    for name in out_d._fields:
+        torch.testing.assert_close(getattr(out_s, name), getattr(out_d, name), rtol=1e-4, atol=1e-4, msg=name)
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-3, atol=1e-4, msg=name)

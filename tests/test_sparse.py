@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_je import sparse
+from distributed_je.sparse import csr_from_dense, drop_zeros, for_encoder, nonzero_positions, sparse_linear, stack_rows
+
+
+def sparse_counts(n_cells=40, n_genes=300, density=0.08, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_cells, n_genes, generator=g) < density
+    return (mask * torch.randint(1, 30, (n_cells, n_genes), generator=g)).to(dtype)
+
+
+def test_csr_from_dense_round_trips_and_a_superset_stores_explicit_zeros():
+    x = sparse_counts()
+    x[3] = 0  # an empty row
+    exact = csr_from_dense(x)
+    assert exact.values().shape[0] == int((x != 0).sum())
+    assert torch.equal(exact.to_dense(), x)
+    superset = csr_from_dense(x, torch.arange(x.numel()))
+    assert superset.values().shape[0] == x.numel()
+    assert torch.equal(superset.to_dense(), x)
+    dropped = drop_zeros(superset)
+    assert torch.equal(dropped.crow_indices(), exact.crow_indices())
+    assert torch.equal(dropped.col_indices(), exact.col_indices())
+    assert torch.equal(dropped.to_dense(), x)
+
+
+def test_nonzero_positions_are_flat_and_increasing():
+    x = sparse_counts()
+    positions = nonzero_positions(x)
+    assert torch.equal(positions, x.reshape(-1).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_stack_rows_is_cat(layout):
+    a, b = sparse_counts(seed=1), sparse_counts(n_cells=7, seed=2)
+    parts = [a, b] if layout == "dense" else [csr_from_dense(a), csr_from_dense(b)]
+    assert torch.equal(stack_rows(parts).to_dense(), torch.cat([a, b]))
+
+
+def test_for_encoder_keeps_sparse_counts_sparse_and_dense_ones_dense():
+    thin = sparse_counts(density=0.05)
+    assert for_encoder(thin).layout == torch.sparse_csr
+    assert torch.equal(for_encoder(thin).to_dense(), thin)
+    crowded = sparse_counts(density=2 * sparse.MAX_SPARSE_DENSITY)
+    assert for_encoder(crowded).layout == torch.strided
+    assert for_encoder(csr_from_dense(crowded)).layout == torch.strided
+    assert torch.equal(for_encoder(csr_from_dense(crowded)), crowded)
+
+
+@pytest.mark.parametrize("n_extra", [0, 3])
+def test_sparse_linear_matches_dense_linear_in_value_and_gradient(n_extra):
+    x = torch.log1p(sparse_counts())
+    x[5] = 0
+    extra = F.one_hot(torch.arange(x.shape[0]) % 3, 3).float() if n_extra else None
+    linear = torch.nn.Linear(x.shape[1] + n_extra, 16)
+    upstream = torch.randn(x.shape[0], 16)
+
+    dense_in = x if extra is None else torch.cat([x, extra], 1)
+    (F.linear(dense_in, linear.weight, linear.bias) * upstream).sum().backward()
+    expected = F.linear(dense_in, linear.weight, linear.bias).detach()
+    expected_grads = linear.weight.grad.clone(), linear.bias.grad.clone()
+    linear.zero_grad()
+
+    out = sparse_linear(csr_from_dense(x), extra, linear.weight, linear.bias)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.weight.grad, expected_grads[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.bias.grad, expected_grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_linear_gradcheck():
+    x = csr_from_dense(sparse_counts(n_cells=6, n_genes=20, density=0.3, dtype=torch.float64))
+    extra = F.one_hot(torch.arange(6) % 2, 2).double()
+    weight = torch.randn(4, 22, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, b: sparse_linear(x, extra, w, b), (weight, bias))
