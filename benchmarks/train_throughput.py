@@ -1,11 +1,13 @@
 """Training throughput: steady-state cells/s (loader included) of our `scvi` and `je` variants
 against scvi-tools 1.4.2 SCVI, same architecture (1 x 128, n_latent 10, NB) and data.
 
-Data: pbmc3k (2,000 seurat_v3 genes) and a 1M-cell synthetic store made from it. For each
-tool and batch size, two runs of W and W+M optimizer steps are timed whole and subtracted,
-which removes start-up (Lightning set-up, loader warm-up) and leaves M steady steps. Each run
-is its own process with 1 torch thread pinned to one core; peak RSS is VmHWM. Then Ray Train
-with 1 and 2 workers (1 CPU each) for one epoch of a 100k-cell synthetic store.
+Data: pbmc3k (2,000 seurat_v3 genes) and a 1M-cell synthetic store made from it. Per batch
+size, one process trains our `scvi` and `je` taking turns window by window (so their ratio
+is measured under the same conditions) and another trains scvi-tools; each is pinned to one
+core with 1 torch thread, takes WARM_STEPS optimizer steps, then WINDOWS timed windows of
+steady steps. cells/s is that of the median window, so start-up (Lightning set-up, loader
+warm-up) and one-off stalls drop out. Peak RSS is VmHWM. Then Ray Train with 1 and 2
+workers (1 CPU each) for one epoch of a 100k-cell synthetic store.
 
     .venv/bin/python benchmarks/train_throughput.py          (needs `make bench-env`)
 """
@@ -20,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -28,9 +32,13 @@ from loader_throughput import peak_rss_mb, prepare  # noqa: E402  (same stores a
 from distributed_je.store import open_store  # noqa: E402
 
 WARM_STEPS = 10
+WINDOWS = 5
 
 
-def ours(store: str, variant: str, batch_size: int, steps: int) -> dict:
+def ours(store: str, variants: list[str], batch_size: int, steps: int) -> dict:
+    """Seconds of each of WINDOWS windows of ``steps`` steps per variant, after WARM_STEPS steps.
+    The variants take turns window by window in this one process, so their ratio is measured
+    under the same conditions."""
     import itertools
 
     import torch
@@ -41,24 +49,36 @@ def ours(store: str, variant: str, batch_size: int, steps: int) -> dict:
     from distributed_je.store import open_store
 
     torch.set_num_threads(1)
-    config = load_config(None, [f"model.variant={variant}", f"data.batch_size={batch_size}"])
     s = open_store(store)
-    loader = StoreLoader.from_config(s, config.data, split="all", seed=0)
-    model = build_model(config, s.n_genes, 1)
-    optimizer = build_optimizer(model, config.optim)
+    runs = {}
+    for variant in variants:
+        config = load_config(None, [f"model.variant={variant}", f"data.batch_size={batch_size}"])
+        loader = StoreLoader.from_config(s, config.data, split="all", seed=0)
+        model = build_model(config, s.n_genes, 1)
+        stream = itertools.chain.from_iterable(loader.epoch(epoch) for epoch in itertools.count())
+        runs[variant] = (model, build_optimizer(model, config.optim), stream, TrainState(), config)
 
-    def batches():
-        for epoch in itertools.count():
-            yield from loader.epoch(epoch)
-    start = time.perf_counter()
-    train_epoch(model, optimizer, itertools.islice(batches(), steps), state=TrainState(), config=config)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+    seconds = {variant: [] for variant in variants}
+    for n_steps in [WARM_STEPS] + [steps] * WINDOWS:
+        for variant, (model, optimizer, stream, state, config) in runs.items():
+            start = time.perf_counter()
+            train_epoch(model, optimizer, itertools.islice(stream, n_steps), state=state, config=config)
+            seconds[variant].append(time.perf_counter() - start)
+    return {"window_seconds": {variant: times[1:] for variant, times in seconds.items()}, "peak_rss_mb": peak_rss_mb()}
 
 
 def scvi_tools(h5ad: str, batch_size: int, steps: int) -> dict:
     import anndata
+    import lightning
     import scvi
     import torch
+
+    class StepEnds(lightning.Callback):
+        def __init__(self) -> None:
+            self.times = [time.perf_counter()]
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.times.append(time.perf_counter())
 
     torch.set_num_threads(1)
     scvi.settings.seed = 0
@@ -66,11 +86,14 @@ def scvi_tools(h5ad: str, batch_size: int, steps: int) -> dict:
     adata = anndata.read_h5ad(h5ad)
     scvi.model.SCVI.setup_anndata(adata)
     model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="nb")
-    start = time.perf_counter()
-    model.train(max_epochs=10**6, max_steps=steps, batch_size=batch_size, train_size=1.0, accelerator="cpu",
+    step_ends = StepEnds()
+    model.train(max_epochs=10**6, max_steps=WARM_STEPS + WINDOWS * steps, batch_size=batch_size, train_size=1.0,
+                accelerator="cpu",
                 devices=1, enable_progress_bar=False, early_stopping=False, enable_checkpointing=False,
-                logger=False, plan_kwargs={"n_epochs_kl_warmup": None, "n_steps_kl_warmup": 2000})
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+                logger=False, plan_kwargs={"n_epochs_kl_warmup": None, "n_steps_kl_warmup": 2000},
+                callbacks=[step_ends])
+    ends = step_ends.times[WARM_STEPS::steps]  # after the warm-up, then after each window
+    return {"window_seconds": np.diff(ends).tolist(), "peak_rss_mb": peak_rss_mb()}
 
 
 def ray_workers(store: str, workers: int, tmp: str) -> dict:
@@ -95,26 +118,35 @@ def child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def steady(tool: str, data: str, batch_size: int, steps: int, n_cells: int, variant: str = "") -> dict:
-    """Cells/s over ``steps`` steady steps: the difference of a long and a short run. A batch holds
-    at most the data's ``n_cells``."""
-    args = [tool, data, str(batch_size)] + ([variant] if variant else [])
-    short, long = child(args + [str(WARM_STEPS)]), child(args + [str(WARM_STEPS + steps)])
-    return {"cells_per_s": steps * min(batch_size, n_cells) / (long["seconds"] - short["seconds"]),
-            "peak_rss_mb": long["peak_rss_mb"]}
+def cells_per_s(window_seconds: list[float], steps: int, batch_size: int, n_cells: int) -> float:
+    """Of the median window; a batch holds at most the data's ``n_cells``."""
+    return steps * min(batch_size, n_cells) / float(np.median(window_seconds))
+
+
+def measure(store: str, h5ad: str, batch_size: int, steps: int, n_cells: int) -> dict:
+    """cells/s and peak RSS of our scvi and je (one process, taking turns) and scvi-tools (another)."""
+    ours_run = child(["ours", store, str(batch_size), str(steps)])
+    tools_run = child(["scvi-tools", h5ad, str(batch_size), str(steps)])
+    result = {variant: {"cells_per_s": cells_per_s(times, steps, batch_size, n_cells),
+                        "peak_rss_mb": ours_run["peak_rss_mb"]}
+              for variant, times in ours_run["window_seconds"].items()}
+    result["scvi-tools"] = {"cells_per_s": cells_per_s(tools_run["window_seconds"], steps, batch_size, n_cells),
+                            "peak_rss_mb": tools_run["peak_rss_mb"]}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/dje_loader_bench"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 4096])
-    parser.add_argument("--steps", type=int, default=200, help="steady steps measured at batch 128 (scaled for larger batches)")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="steps per timed window at batch 128 (scaled for larger batches, at least 8)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         argv = json.loads(args.one)
         if argv[0] == "ours":
-            print(json.dumps(ours(argv[1], argv[3], int(argv[2]), int(argv[4]))))
+            print(json.dumps(ours(argv[1], ["scvi", "je"], int(argv[2]), int(argv[3]))))
         elif argv[0] == "scvi-tools":
             print(json.dumps(scvi_tools(argv[1], int(argv[2]), int(argv[3]))))
         else:
@@ -136,17 +168,15 @@ def main() -> None:
         n_cells = open_store(store).n_cells
         for batch_size in args.batch_sizes:
             steps = max(8, args.steps * 128 // batch_size)
-            result = {"scvi": steady("ours", store, batch_size, steps, n_cells, "scvi"),
-                      "je": steady("ours", store, batch_size, steps, n_cells, "je"),
-                      "scvi-tools": steady("scvi-tools", h5ad, batch_size, steps, n_cells)}
+            result = measure(store, h5ad, batch_size, steps, n_cells)
             rows.append((name, batch_size, result))
             print(f"  {name} batch {batch_size}: {result}", file=sys.stderr, flush=True)
 
-    print("\n| data | batch | ours scvi cells/s | ours je cells/s | scvi-tools SCVI cells/s | scvi / scvi-tools | je cost per cell vs scvi | peak RSS MB (scvi / je / scvi-tools) |")
+    print("\n| data | batch | ours scvi cells/s | ours je cells/s | scvi-tools SCVI cells/s | scvi / scvi-tools | je cost per cell vs scvi | peak RSS MB (ours, both variants / scvi-tools) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch_size, r in rows:
         s, j, t = (r[k]["cells_per_s"] for k in ("scvi", "je", "scvi-tools"))
-        rss = " / ".join(f"{r[k]['peak_rss_mb']:.0f}" for k in ("scvi", "je", "scvi-tools"))
+        rss = " / ".join(f"{r[k]['peak_rss_mb']:.0f}" for k in ("scvi", "scvi-tools"))
         print(f"| {name} | {batch_size} | {s:,.0f} | {j:,.0f} | {t:,.0f} | {s / t:.2f}x | {s / j:.2f}x | {rss} |")
 
     import tempfile

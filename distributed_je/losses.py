@@ -24,11 +24,9 @@ def cross_correlation_loss(z1: torch.Tensor, z2: torch.Tensor, *, lambda_off_dia
     if gather:
         views = all_gather_with_grad(views.transpose(0, 1)).transpose(0, 1)
     n_cells = views.shape[1]
-    centred = views - views.mean(dim=1, keepdim=True)
-    std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()  # biased: defined for a single cell
-    z1_hat, z2_hat = (centred / (std + STD_EPS)).unbind(0)
+    std, mean = torch.std_mean(views, dim=1, keepdim=True, correction=0)  # biased: defined for a single cell
+    z1_hat, z2_hat = ((views - mean) / (std + STD_EPS)).unbind(0)
     c = z1_hat.T @ z2_hat / n_cells  # (n_latent, n_latent)
     diagonal = torch.diagonal(c)
-    on_diagonal = (1.0 - diagonal).pow(2).sum()
-    off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
-    return on_diagonal + lambda_off_diag * off_diagonal
+    # sum_i (1 - C_ii)^2 + lambda * (sum_ij C_ij^2 - sum_i C_ii^2)
+    return ((1.0 - diagonal).pow(2) - lambda_off_diag * diagonal.pow(2)).sum() + lambda_off_diag * c.pow(2).sum()

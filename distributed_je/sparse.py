@@ -33,16 +33,14 @@ def for_encoder(counts: torch.Tensor, nonzero: torch.Tensor | None = None) -> to
     """``counts`` in the layout the encoder reads fastest: sparse CSR on CPU when at most
     MAX_SPARSE_DENSITY of the entries are non-zero, dense otherwise (and always on GPUs, whose
     dense matmuls win). ``nonzero``: the flat positions of a dense ``counts``' non-zeros, if known."""
-    if counts.device.type != "cpu":
-        return counts.to_dense() if counts.layout == torch.sparse_csr else counts
-    if counts.layout == torch.sparse_csr:
-        n_stored = counts.values().shape[0]
-    else:
-        nonzero = nonzero_positions(counts) if nonzero is None else nonzero
-        n_stored = nonzero.shape[0]
-    if n_stored > MAX_SPARSE_DENSITY * counts.shape[0] * counts.shape[1]:
-        return counts.to_dense() if counts.layout == torch.sparse_csr else counts
-    return counts if counts.layout == torch.sparse_csr else csr_from_dense(counts, nonzero)
+    is_sparse = counts.layout == torch.sparse_csr
+    if counts.device.type == "cpu":
+        if not is_sparse and nonzero is None:
+            nonzero = nonzero_positions(counts)
+        n_stored = counts.values().shape[0] if is_sparse else nonzero.shape[0]
+        if n_stored <= MAX_SPARSE_DENSITY * counts.shape[0] * counts.shape[1]:
+            return counts if is_sparse else csr_from_dense(counts, nonzero)
+    return counts.to_dense() if is_sparse else counts
 
 
 def csr_from_dense(x: torch.Tensor, nonzero: torch.Tensor | None = None) -> torch.Tensor:

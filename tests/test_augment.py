@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distributed_je.augment import binomial_thin, sample_thinning_probability
+from distributed_je.augment import TABLED_COUNT, binomial_thin, sample_thinning_probability
 
 
 def counts(n_cells=50, n_genes=40, seed=0):
@@ -76,7 +76,7 @@ def test_cells_below_min_library_are_not_thinned():
     assert torch.equal(p, torch.ones(3, 1))
 
 
-@pytest.mark.parametrize("count", [1, 3, 64, 65, 500])  # either side of LARGE_COUNT: per-UMI and torch.binomial
+@pytest.mark.parametrize("count", [1, 3, 8, 9, 64, 500])  # either side of TABLED_COUNT: table inversion and numpy binomial
 def test_draws_have_the_binomial_mean_and_variance(count):
     x = torch.full((200, 50), float(count))
     p = torch.linspace(0.05, 0.95, 200)
@@ -85,7 +85,11 @@ def test_draws_have_the_binomial_mean_and_variance(count):
     mean, var = y.mean(1), y.var(1)
     expected_mean, expected_var = count * p, count * p * (1 - p)
     assert ((mean - expected_mean).abs() <= 5 * (expected_var / n).sqrt() + 1e-6).all()
-    assert ((var - expected_var).abs() <= 6 * expected_var * (2 / (n - 1)) ** 0.5 + 1e-6).all()
+    # a sample variance errs by a first-order term (its standard error, from the binomial's fourth
+    # central moment) plus the squared error of the mean, at most (5 standard errors)^2
+    fourth_moment = expected_var * (1 + 3 * (count - 2) * p * (1 - p))
+    var_se = ((fourth_moment - expected_var**2 * (n - 3) / (n - 1)) / n).sqrt()
+    assert ((var - expected_var).abs() <= 5 * var_se + 25 * expected_var / n + 1e-6).all()
 
 
 def test_superset_of_positions_gives_the_same_draw():
@@ -93,3 +97,24 @@ def test_superset_of_positions_gives_the_same_draw():
     exact = binomial_thin(x, p, generator=torch.Generator().manual_seed(4))
     superset = binomial_thin(x, p, generator=torch.Generator().manual_seed(4), nonzero=torch.arange(x.numel()))
     assert torch.equal(exact, superset)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])  # either side of 0.5, the table covers both
+def test_inverted_draws_follow_the_binomial_pmf(p):
+    count, n_draws = TABLED_COUNT, 40000
+    y = binomial_thin(torch.full((1, n_draws), float(count)), torch.tensor([p]),
+                      generator=torch.Generator().manual_seed(5))
+    frequencies = torch.bincount(y.long().reshape(-1), minlength=count + 1).double() / n_draws
+    pmf = torch.distributions.Binomial(count, torch.tensor(p, dtype=torch.float64)).log_prob(
+        torch.arange(count + 1, dtype=torch.float64)).exp()
+    assert ((frequencies - pmf).abs() <= 5 * (pmf * (1 - pmf) / n_draws).sqrt() + 1e-4).all()
+
+
+def test_explicitly_stored_zeros_leave_the_draw_unchanged():
+    x, p = counts(), torch.rand(50)
+    exact = x.to_sparse_csr()
+    with_zeros = torch.ones_like(x).to_sparse_csr()  # every position stored, zeros included
+    with_zeros = torch.sparse_csr_tensor(with_zeros.crow_indices(), with_zeros.col_indices(), x.reshape(-1), x.shape)
+    a = binomial_thin(exact, p, generator=torch.Generator().manual_seed(6))
+    b = binomial_thin(with_zeros, p, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.to_dense(), b.to_dense())
