@@ -102,14 +102,17 @@ def test_ray_path_equals_plain_path_and_two_workers_stay_close(local_ray, pbmc_s
 
     # Two workers with half the per-worker batch take the same number of steps on global batches of
     # the same size; cell order and dropout differ, and BatchNorm normalises each worker's half on
-    # its own. Measured here: reconstruction and ELBO within 0.3%, the cross-correlation term
-    # (a batch statistic, so the most sensitive to per-worker BatchNorm) within 20%.
+    # its own. So the two runs differ as two seeds of one worker do: after this epoch, seeds 0-3
+    # give val_recon_nll 326-334 (+-1.2%), while one worker at batch 64 (what a run without the
+    # global batch would amount to) gives 282-294, 14% lower. Reconstruction and ELBO are judged
+    # within 3%, the cross-correlation term (a batch statistic, the most sensitive to per-worker
+    # BatchNorm) within 20%.
     two = config_for(pbmc_store, tmp_path, "two_half", "train.max_epochs=1", "data.batch_size=64",
                      "scaling.num_workers=2")
     ray_two = run_training(two).metrics
     assert ray_two["train_cells"] == ray_one["train_cells"]
     for key in ("train_recon_nll", "val_recon_nll", "val_elbo"):
-        assert ray_two[key] == pytest.approx(ray_one[key], rel=0.01), key
+        assert ray_two[key] == pytest.approx(ray_one[key], rel=0.03), key
     for key in ("train_loss", "train_cco", "val_cco"):
         assert ray_two[key] == pytest.approx(ray_one[key], rel=0.2), key
 
