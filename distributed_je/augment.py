@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distributed_je.sparse import drop_zeros, nonzero_positions
+from distributed_je.sparse import csr_rows, drop_zeros, nonzero_positions
 
 TABLED_COUNT = 8  # one uint64 of booleans per entry; entries up to this many UMIs (~95% of a count matrix's) are drawn from per-cell CDF tables
 
@@ -28,10 +28,8 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
     if bool(((p < 0) | (p > 1)).any()):
         raise ValueError("p must lie in [0, 1] for every cell")
     if x.layout == torch.sparse_csr:
-        crow = x.crow_indices()
-        rows = torch.repeat_interleave(torch.arange(n_cells, device=x.device), crow[1:] - crow[:-1])
-        values = _draw(x.values(), rows, p, generator)
-        return drop_zeros(torch.sparse_csr_tensor(crow, x.col_indices(), values, x.shape))
+        values = _draw(x.values(), csr_rows(x.crow_indices()), p, generator)
+        return drop_zeros(torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape))
     if x.layout != torch.strided:
         raise ValueError(f"binomial_thin takes dense or sparse CSR counts, got layout {x.layout}")
     positions = nonzero_positions(x) if nonzero is None else nonzero

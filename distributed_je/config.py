@@ -118,7 +118,7 @@ class DataConfig(_Section):
     validation_fraction: float = _opt(0.1, low=0.0, high=0.5)
     block_rows: int = _opt(4096, low=1)
     blocks_per_buffer: int = _opt(32, low=1)
-    densify_on_device: bool = False
+    sparse_batches: bool = True  # CSR batches: read at their non-zeros on CPU, densified on a GPU
 
 
 @dataclass(frozen=True)

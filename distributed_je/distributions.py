@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distributed_je.sparse import nonzero_positions
+from distributed_je.sparse import stored_positions
 
 EPS = 1e-8  # keeps log() finite where a rate underflows to zero
 
@@ -30,15 +30,18 @@ def nb_nll_per_cell(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
                     nonzero: torch.Tensor | None = None) -> torch.Tensor:
     """-sum over genes of log_nb, per cell: shape (n_cells,). Equal to ``-log_nb(...).sum(-1)``.
 
-    ``theta`` is (1, n_genes) or (n_cells, n_genes). ``nonzero``: flat positions covering every
-    non-zero of ``x`` (a superset is fine: a zero adds nothing to the terms taken there);
-    found here when not given. Computed in float32 at least, outside any autocast region.
+    ``x``: dense, or sparse CSR (read at its stored entries, never densified). ``theta`` is
+    (1, n_genes) or (n_cells, n_genes). ``nonzero``: flat positions covering every non-zero of
+    a dense ``x`` (a superset is fine: a zero adds nothing to the terms taken there), or of a
+    CSR ``x``'s stored entries in storage order; found here when not given. Computed in
+    float32 at least, outside any autocast region.
     """
     if nonzero is None:
-        nonzero = nonzero_positions(x)
+        nonzero = stored_positions(x)
+    counts = x.values() if x.layout == torch.sparse_csr else x.reshape(-1).index_select(0, nonzero)
     dtype = torch.promote_types(mu.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        return _NBNegLogLikelihood.apply(x.to(dtype), mu.to(dtype), theta.to(dtype), nonzero)
+        return _NBNegLogLikelihood.apply(counts.to(dtype), mu.to(dtype), theta.to(dtype), nonzero)
 
 
 class _NBNegLogLikelihood(torch.autograd.Function):
@@ -51,8 +54,10 @@ class _NBNegLogLikelihood(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, nonzero: torch.Tensor) -> torch.Tensor:
-        n_genes, per_gene = x.shape[1], theta.shape[0] == 1
+    def forward(ctx, counts: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, nonzero: torch.Tensor
+                ) -> torch.Tensor:
+        """``counts``: the counts at the flat positions ``nonzero``."""
+        n_genes, per_gene = mu.shape[1], theta.shape[0] == 1
         total = mu + (theta + EPS)  # (n_cells, n_genes): theta + mu
         log_total = torch.log(total)
         theta_log_theta = theta * torch.log(theta + EPS)
@@ -61,7 +66,6 @@ class _NBNegLogLikelihood(torch.autograd.Function):
         else:
             dense = (theta_log_theta - theta * log_total).sum(-1)
         rows, genes = nonzero // n_genes, nonzero % n_genes
-        counts = x.reshape(-1).index_select(0, nonzero)
         mu_nz = mu.reshape(-1).index_select(0, nonzero)
         theta_nz = (theta.reshape(-1).index_select(0, genes) if per_gene
                     else theta.reshape(-1).index_select(0, nonzero))
@@ -120,6 +124,8 @@ def reconstruction_nll(likelihood: str, x: torch.Tensor, mu: torch.Tensor, theta
     """
     if likelihood == "nb":
         return nb_nll_per_cell(x, mu, theta, nonzero)
+    if x.layout == torch.sparse_csr:
+        x = x.to_dense()
     return -log_likelihood(likelihood, x, mu, theta, zi_logits).sum(-1)
 
 

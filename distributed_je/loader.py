@@ -15,8 +15,8 @@ Per epoch:
 
 A buffer is one set of CSR rows (``store.CsrRows``: float32 values decoded straight from the
 store's chunks), so cutting a batch is a row selection in compiled code. Batches are torch tensors: dense float32
-counts, or (with ``dense=False``) a sparse CSR tensor that the training loop densifies on its
-device.
+counts, or (with ``dense=False``, what training uses) a sparse CSR tensor that the model reads
+at its non-zeros on CPU and the training loop densifies on a GPU.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class StoreLoader:
         return cls(store, batch_size=data.batch_size, split=split, validation_fraction=data.validation_fraction,
                    block_rows=data.block_rows, blocks_per_buffer=data.blocks_per_buffer, batch_key=data.batch_key,
                    labels_key=data.labels_key if with_labels else None, rank=rank, world_size=world_size,
-                   seed=seed, dense=not data.densify_on_device)
+                   seed=seed, dense=not data.sparse_batches)
 
     def _in_split(self, hashes: np.ndarray) -> np.ndarray:
         if self.split == "all":

@@ -19,7 +19,7 @@ from distributed_je.distributions import kl_normal_standard, reconstruction_nll
 from distributed_je.keys import BATCH_INDEX, COUNTS
 from distributed_je.losses import cross_correlation_loss
 from distributed_je.nn import Decoder, Encoder
-from distributed_je.sparse import for_encoder, nonzero_positions, stack_rows
+from distributed_je.sparse import for_encoder, row_sums, stack_rows, stored_positions
 
 
 class LossOutput(NamedTuple):
@@ -78,11 +78,11 @@ class JESCVI(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], *, kl_weight: float | None = None,
                 generator: torch.Generator | None = None) -> LossOutput:
         """The objective on one minibatch; ``kl_weight`` defaults to the config's (no warm-up)."""
-        counts = batch[COUNTS]
+        counts = batch[COUNTS]  # dense, or CSR (on CPU: read at its non-zeros, never densified)
         batch_index = batch.get(BATCH_INDEX)
         one_hot = self._one_hot(batch_index, counts.shape[0], counts.device)
-        library = counts.sum(1, keepdim=True)  # (n_cells, 1) UMIs
-        nonzero = nonzero_positions(counts)  # also covers the thinned copy's non-zeros
+        library = row_sums(counts)  # (n_cells, 1) UMIs
+        nonzero = stored_positions(counts)  # also covers the thinned copy's non-zeros
         view = for_encoder(counts, nonzero)  # sparse on CPU: thinning and encoder read the non-zeros only
         variant = self.model_config.variant
 
@@ -91,8 +91,7 @@ class JESCVI(nn.Module):
             p = sample_thinning_probability(library, self.augment_config.min_library_size, generator=generator)
             thinned = binomial_thin(view, p, generator=generator, nonzero=nonzero)
         if variant == "thinning_only":  # SCVI trained on thinned counts: the thinned copy is the cell
-            counts = thinned.to_dense()
-            library = counts.sum(1, keepdim=True)
+            counts, library, nonzero = thinned, row_sums(thinned), None
         # denoising encodes the thinned view but reconstructs the original counts, so the
         # decoder scales by the original library L: the target is y, whose depth is L.
         if variant in ("thinning_only", "denoising"):
@@ -148,7 +147,7 @@ class JESCVI(nn.Module):
         """
         counts, batch_index = batch[COUNTS], batch.get(BATCH_INDEX)
         one_hot = self._one_hot(batch_index, counts.shape[0], counts.device)
-        library = counts.sum(1, keepdim=True)
+        library = row_sums(counts)
         thinned = binomial_thin(counts, torch.full_like(library, fraction), generator=generator)
         was_training = self.training
         self.eval()

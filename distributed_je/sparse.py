@@ -29,6 +29,27 @@ def nonzero_positions(x: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(1)
 
 
+def csr_rows(crow: torch.Tensor) -> torch.Tensor:
+    """The row of each stored entry of a CSR layout, in storage order, from its ``crow_indices``."""
+    return torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff())
+
+
+def stored_positions(x: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) positions of a count matrix's non-zeros: those of a dense tensor, or the
+    stored entries of a CSR tensor in storage order (so they line up with its values)."""
+    if x.layout == torch.sparse_csr:
+        return csr_rows(x.crow_indices()) * x.shape[1] + x.col_indices()
+    return nonzero_positions(x)
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """(n_rows, 1) sums of the rows of a dense or CSR matrix."""
+    if x.layout == torch.sparse_csr:
+        sums = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        return sums.index_add_(0, csr_rows(x.crow_indices()), x.values())[:, None]
+    return x.sum(1, keepdim=True)
+
+
 def for_encoder(counts: torch.Tensor, nonzero: torch.Tensor | None = None) -> torch.Tensor:
     """``counts`` in the layout the encoder reads fastest: sparse CSR on CPU when at most
     MAX_SPARSE_DENSITY of the entries are non-zero, dense otherwise (and always on GPUs, whose
@@ -115,7 +136,7 @@ class _SparseLinear(torch.autograd.Function):
     def backward(ctx, grad):
         crow, col, values, extra = ctx.saved_tensors
         n_x = ctx.n_x
-        rows = torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff())
+        rows = csr_rows(crow)
         # CSC order: numpy's stable sort is a radix sort on 16-bit keys
         keys = col.cpu().numpy().astype(np.int16 if n_x <= np.iinfo(np.int16).max else np.int32)
         order = torch.from_numpy(np.argsort(keys, kind="stable")).to(col.device)

@@ -72,6 +72,11 @@ def test_nb_nll_per_cell_equals_the_dense_sum_with_gradients(per_cell_theta):
     dense_grads = torch.autograd.grad((dense * weights).sum(), (mu, theta))
     for a, b in zip(fast_grads, dense_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
+    csr = nb_nll_per_cell(x.to_sparse_csr(), mu, theta)  # read at its stored entries
+    assert torch.allclose(csr, dense, atol=1e-9)
+    csr_grads = torch.autograd.grad((csr * weights).sum(), (mu, theta))
+    for a, b in zip(csr_grads, dense_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
     superset = torch.arange(x.numel())  # positions of zeros as well: they add nothing
     assert torch.allclose(nb_nll_per_cell(x, mu, theta, nonzero=superset), dense, atol=1e-9)
     assert torch.autograd.gradcheck(lambda m, t: nb_nll_per_cell(x, m, t), (mu, theta))

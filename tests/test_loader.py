@@ -124,12 +124,13 @@ def test_from_config_and_clear_errors(store_and_counts):
         loader(store, batch_key="donor")
 
 
-def test_training_loop_runs_on_the_store_loader(store_and_counts):
+@pytest.mark.parametrize("sparse_batches", ["true", "false"])
+def test_training_loop_runs_on_the_store_loader(store_and_counts, sparse_batches):
     from distributed_je.loop import build_model, build_optimizer, fit
 
     store, _, _ = store_and_counts
     config = load_config(None, ["train.max_epochs=2", "data.batch_size=64", "data.block_rows=100",
-                                "data.batch_key=batch", "data.densify_on_device=true"])
+                                "data.batch_key=batch", f"data.sparse_batches={sparse_batches}"])
     train = StoreLoader.from_config(store, config.data, split="train", seed=0)
     val = StoreLoader.from_config(store, config.data, split="val", seed=0)
     model = build_model(config, store.n_genes, 3)

@@ -140,3 +140,28 @@ def test_sparse_and_dense_encoder_inputs_give_the_same_objective(variant, monkey
         torch.testing.assert_close(getattr(out_s, name), getattr(out_d, name), rtol=1e-4, atol=1e-4, msg=name)
     for name in grads_d:
         torch.testing.assert_close(grads_s[name], grads_d[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("variant,likelihood", [("scvi", "nb"), ("je", "nb"), ("thinning_only", "nb"),
+                                                ("denoising", "nb"), ("je", "zinb")])
+def test_csr_and_dense_batches_give_the_same_objective_gradients_and_scores(variant, likelihood):
+    """The loader hands CSR batches, which the model reads at their non-zeros on CPU."""
+    from tests.test_sparse import sparse_counts
+
+    counts = sparse_counts(n_cells=48, n_genes=200, density=0.06)
+    config = load_config(None, [f"model.variant={variant}", f"model.likelihood={likelihood}"])
+    results = {}
+    for layout, batch_counts in [("csr", counts.to_sparse_csr()), ("dense", counts)]:
+        batch = {COUNTS: batch_counts, BATCH_INDEX: torch.arange(48) % 2}
+        model = build_model(config, 200, 2)
+        torch.manual_seed(0)  # dropout
+        out = model(batch, generator=torch.Generator().manual_seed(1))
+        out.loss.backward()
+        scores = model.low_depth_scores(batch, fraction=0.2, k=5, generator=torch.Generator().manual_seed(2))
+        results[layout] = out, scores, {name: p.grad for name, p in model.named_parameters()}
+    (out_c, scores_c, grads_c), (out_d, scores_d, grads_d) = results["csr"], results["dense"]
+    for name in out_d._fields:
+        torch.testing.assert_close(getattr(out_c, name), getattr(out_d, name), rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(scores_c, scores_d, rtol=1e-5, atol=1e-5)
+    for name in grads_d:
+        torch.testing.assert_close(grads_c[name], grads_d[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from distributed_je import sparse
-from distributed_je.sparse import csr_from_dense, drop_zeros, for_encoder, nonzero_positions, sparse_linear, stack_rows
+from distributed_je.sparse import (csr_from_dense, drop_zeros, for_encoder, nonzero_positions, row_sums, sparse_linear,
+                                   stack_rows, stored_positions)
 
 
 def sparse_counts(n_cells=40, n_genes=300, density=0.08, seed=0, dtype=torch.float32):
@@ -77,3 +78,12 @@ def test_sparse_linear_gradcheck():
     weight = torch.randn(4, 22, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, b: sparse_linear(x, extra, w, b), (weight, bias))
+
+
+def test_row_sums_and_stored_positions_of_csr_match_dense():
+    x = sparse_counts()
+    x[3] = 0  # an empty row
+    csr = x.to_sparse_csr()
+    torch.testing.assert_close(row_sums(csr), x.sum(1, keepdim=True))
+    assert torch.equal(stored_positions(csr), nonzero_positions(x))
+    assert torch.equal(x.reshape(-1)[stored_positions(csr)], csr.values())
