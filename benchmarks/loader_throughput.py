@@ -125,7 +125,7 @@ READERS = {"ours_dense": lambda a: ours(a.store, True, a.n),
            "backed_h5ad": lambda a: backed_h5ad(a.h5ad, a.n),
            "scdataset": lambda a: scdataset_backed(a.h5ad, a.n),
            "in_ram_csr": lambda a: in_ram_csr(a.h5ad, a.n)}
-LABELS = {"ours_dense": "distributed_je StoreLoader, dense", "ours_csr": "distributed_je StoreLoader, CSR (densify on GPU)",
+LABELS = {"ours_dense": "distributed_je StoreLoader, dense", "ours_csr": "distributed_je StoreLoader, CSR (what training uses)",
           "backed_h5ad": "anndata backed h5ad, random batches", "scdataset": "scdataset 0.3 on backed h5ad (BlockShuffling 4, fetch 16)",
           "in_ram_csr": "in-RAM scipy CSR, random batches (ceiling)"}
 
