@@ -7,7 +7,9 @@ import torch
 
 from distributed_je.sparse import csr_rows, drop_zeros, nonzero_positions
 
-TABLED_COUNT = 8  # one uint64 of booleans per entry; entries up to this many UMIs (~95% of a count matrix's) are drawn from per-cell CDF tables
+# Entries of up to this many UMIs (~95% of a count matrix's non-zeros) draw from per-cell CDF
+# tables; 8 thresholds compared give 8 booleans, one uint64.
+TABLED_COUNT = 8
 
 
 def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -15,9 +17,9 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
     """Draw y* ~ Binomial(y, p) elementwise, with one success probability per cell.
 
     ``x`` holds counts, dense (n_cells, n_genes) or a sparse CSR tensor (the result then stores
-    only its own non-zeros); ``p`` has shape
-    (n_cells,) or (n_cells, 1). Only the non-zeros are drawn, in row-major order, so a
-    dense and a sparse copy of the same counts give the same draw from the same generator.
+    only its own non-zeros); ``p`` has shape (n_cells,) or (n_cells, 1). Only the non-zeros are
+    drawn, in row-major order, so a dense and a sparse copy of the same counts give the same
+    draw from the same generator.
     ``nonzero``: the flat positions of a dense ``x``'s non-zeros in increasing order, if already
     known (a superset is fine).
     """
