@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from distributed_je.sparse import csr_rows, drop_zeros, nonzero_positions
-
-# Entries of up to this many UMIs (~95% of a count matrix's non-zeros) draw from per-cell CDF
-# tables; 8 thresholds compared give 8 booleans, one uint64.
-TABLED_COUNT = 8
 
 
 def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -42,39 +37,14 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
 def _draw(counts: torch.Tensor, rows: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Binomial(counts, p[rows]) for a count matrix's stored entries (``rows``: each entry's cell).
 
-    On GPUs this is torch.binomial. On CPU, where that costs ~80 ns a draw, the few UMIs per
-    entry of count data allow cheaper exact draws, one uniform u per entry: an entry of 1 UMI
-    (~70% of them) is kept if u < p; one of 2 to TABLED_COUNT UMIs is X = #{j : u > P(X <= j)},
-    its thresholds looked up in a per-cell table (each cell has one p); larger entries use
-    numpy's binomial. The numpy generator is seeded from ``generator``. Entries of 0 draw
-    nothing and take no random numbers, so explicitly stored zeros leave the other draws unchanged.
+    Entries of 0 draw nothing and take no random numbers, so explicitly stored zeros leave the
+    other draws unchanged.
     """
-    if counts.device.type != "cpu":
-        return torch.binomial(counts.float(), p.index_select(0, rows).float(), generator=generator).to(counts.dtype)
-    rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
-    n, cells, p_cell = counts.numpy(), rows.numpy(), p.double().numpy()
-    drawn = np.zeros_like(n)
-    single = np.flatnonzero(n == 1)
-    drawn[single] = rng.random(len(single)) < p_cell[cells[single]]
-    tabled = np.flatnonzero((n > 1) & (n <= TABLED_COUNT))
-    table = _binomial_cdf_table(p_cell).reshape(-1, TABLED_COUNT)  # row cell * (TABLED_COUNT + 1) + n
-    above = rng.random(len(tabled))[:, None] > table[cells[tabled] * (TABLED_COUNT + 1) + n[tabled].astype(np.int64)]
-    # the TABLED_COUNT booleans of an entry as the bytes of one uint64: the top byte of x * 0x0101... sums them
-    drawn[tabled] = (above.view(np.uint64)[:, 0] * np.uint64(0x0101010101010101)) >> np.uint64(56)
-    large = np.flatnonzero(n > TABLED_COUNT)
-    drawn[large] = rng.binomial(n[large].astype(np.int64), p_cell[cells[large]])
-    return torch.from_numpy(drawn)
-
-
-def _binomial_cdf_table(p: np.ndarray) -> np.ndarray:
-    """(cells, TABLED_COUNT + 1, TABLED_COUNT): P(X <= j) for X ~ Binomial(n, p[cell]) at [cell, n, j],
-    and 2 (above any uniform) where j >= n, so that row n has exactly n thresholds."""
-    cdf = np.ones((TABLED_COUNT + 1, TABLED_COUNT, len(p)))  # [n, j, cell]; n = 0 keeps nothing
-    for n in range(1, TABLED_COUNT + 1):  # Pascal's rule: the n-th UMI is lost (1 - p) or kept (p)
-        cdf[n] = (1.0 - p) * cdf[n - 1]
-        cdf[n, 1:] += p * cdf[n - 1, :-1]
-    below = np.arange(TABLED_COUNT) < np.arange(TABLED_COUNT + 1)[:, None]  # j < n
-    return np.where(below[None], cdf.transpose(2, 0, 1), 2.0)
+    stored = (counts > 0).nonzero().squeeze(1)
+    # torch.binomial wants float inputs; counts are exact integers in float32 up to 2**24
+    kept = torch.binomial(counts.index_select(0, stored).float(),
+                          p.index_select(0, rows.index_select(0, stored)).float(), generator=generator)
+    return torch.zeros_like(counts).index_copy_(0, stored, kept.to(counts.dtype))
 
 
 def sample_thinning_probability(library: torch.Tensor, min_library_size: float, *,

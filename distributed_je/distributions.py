@@ -38,7 +38,13 @@ def nb_nll_per_cell(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor,
     """
     if nonzero is None:
         nonzero = stored_positions(x)
-    counts = x.values() if x.layout == torch.sparse_csr else x.reshape(-1).index_select(0, nonzero)
+    if x.layout == torch.sparse_csr:
+        counts = x.values()
+        if nonzero.shape[0] != counts.shape[0]:  # a superset would pair positions with the wrong values
+            raise ValueError(f"nonzero has {nonzero.shape[0]} positions for a CSR x with {counts.shape[0]} stored "
+                             "entries: pass its stored_positions, or None")
+    else:
+        counts = x.reshape(-1).index_select(0, nonzero)
     dtype = torch.promote_types(mu.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         return _NBNegLogLikelihood.apply(counts.to(dtype), mu.to(dtype), theta.to(dtype), nonzero)

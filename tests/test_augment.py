@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distributed_je.augment import TABLED_COUNT, binomial_thin, sample_thinning_probability
+from distributed_je.augment import binomial_thin, sample_thinning_probability
 
 
 def counts(n_cells=50, n_genes=40, seed=0):
@@ -76,7 +76,7 @@ def test_cells_below_min_library_are_not_thinned():
     assert torch.equal(p, torch.ones(3, 1))
 
 
-@pytest.mark.parametrize("count", [1, 3, 8, 9, 64, 500])  # either side of TABLED_COUNT: table inversion and numpy binomial
+@pytest.mark.parametrize("count", [1, 3, 8, 9, 64, 500])
 def test_draws_have_the_binomial_mean_and_variance(count):
     x = torch.full((200, 50), float(count))
     p = torch.linspace(0.05, 0.95, 200)
@@ -99,9 +99,9 @@ def test_superset_of_positions_gives_the_same_draw():
     assert torch.equal(exact, superset)
 
 
-@pytest.mark.parametrize("p", [0.2, 0.7])  # either side of 0.5, the table covers both
-def test_inverted_draws_follow_the_binomial_pmf(p):
-    count, n_draws = TABLED_COUNT, 40000
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_draws_follow_the_binomial_pmf(p):
+    count, n_draws = 8, 40000
     y = binomial_thin(torch.full((1, n_draws), float(count)), torch.tensor([p]),
                       generator=torch.Generator().manual_seed(5))
     frequencies = torch.bincount(y.long().reshape(-1), minlength=count + 1).double() / n_draws

@@ -78,5 +78,7 @@ def test_nb_nll_per_cell_equals_the_dense_sum_with_gradients(per_cell_theta):
     for a, b in zip(csr_grads, dense_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
     superset = torch.arange(x.numel())  # positions of zeros as well: they add nothing
+    with pytest.raises(ValueError, match="stored entries"):  # a CSR's values pair with its own positions only
+        nb_nll_per_cell(x.to_sparse_csr(), mu, theta, nonzero=superset)
     assert torch.allclose(nb_nll_per_cell(x, mu, theta, nonzero=superset), dense, atol=1e-9)
     assert torch.autograd.gradcheck(lambda m, t: nb_nll_per_cell(x, m, t), (mu, theta))
