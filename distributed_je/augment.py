@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from distributed_je.sparse import csr_rows, drop_zeros, nonzero_positions
+from distributed_je.sparse import csr_rows, nonzero_positions
+
+# Counts up to this are drawn as sums of Bernoulli units (see _draw): fastest of 3, 4, 6, 8, 16 on CPU.
+MAX_SUMMED_COUNT = 4
 
 
 def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -25,26 +28,43 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
     if bool(((p < 0) | (p > 1)).any()):
         raise ValueError("p must lie in [0, 1] for every cell")
     if x.layout == torch.sparse_csr:
-        values = _draw(x.values(), csr_rows(x.crow_indices()), p, generator)
-        return drop_zeros(torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape))
+        drawn, entries = _draw(x.values(), csr_rows(x.crow_indices()), p, generator)
+        survived = nonzero_positions(drawn)
+        drawn, entries = drawn.index_select(0, survived), entries.index_select(0, survived)
+        # the surviving entries before each row boundary give the result's row pointers
+        crow = torch.searchsorted(entries, x.crow_indices(), out_int32=x.crow_indices().dtype == torch.int32)
+        return torch.sparse_csr_tensor(crow, x.col_indices().index_select(0, entries), drawn, x.shape)
     if x.layout != torch.strided:
         raise ValueError(f"binomial_thin takes dense or sparse CSR counts, got layout {x.layout}")
     positions = nonzero_positions(x) if nonzero is None else nonzero
-    drawn = _draw(x.reshape(-1).index_select(0, positions), positions // x.shape[1], p, generator)
-    return torch.zeros_like(x).view(-1).index_copy_(0, positions, drawn).view(x.shape)
+    drawn, entries = _draw(x.reshape(-1).index_select(0, positions), positions // x.shape[1], p, generator)
+    return torch.zeros_like(x).view(-1).index_copy_(0, positions.index_select(0, entries), drawn).view(x.shape)
 
 
-def _draw(counts: torch.Tensor, rows: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(counts: torch.Tensor, rows: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binomial(counts, p[rows]) for a count matrix's stored entries (``rows``: each entry's cell).
 
-    Entries of 0 draw nothing and take no random numbers, so explicitly stored zeros leave the
-    other draws unchanged.
+    Returns the draws of the entries above 0 and those entries' indices, in storage order.
+    Entries of 0 take no random numbers, so explicitly stored zeros leave the other draws
+    unchanged. Most entries of a count matrix are small (pbmc3k's 2,000 genes: 73% are 1,
+    91% at most MAX_SUMMED_COUNT), and a small count is drawn exactly as the number of its
+    units that survive, one uniform each; torch.binomial, several times dearer per entry,
+    draws the rest.
     """
-    stored = (counts > 0).nonzero().squeeze(1)
+    stored = nonzero_positions(counts > 0)
+    n, p = counts.index_select(0, stored), p.index_select(0, rows.index_select(0, stored))
+    drawn = (torch.rand(n.shape, generator=generator, dtype=p.dtype, device=p.device) < p).to(counts.dtype)
+    small = nonzero_positions((n > 1) & (n <= MAX_SUMMED_COUNT))
+    units = torch.arange(MAX_SUMMED_COUNT, device=n.device)
+    uniforms = torch.rand((small.shape[0], MAX_SUMMED_COUNT), generator=generator, dtype=p.dtype, device=p.device)
+    survivors = (uniforms < p.index_select(0, small)[:, None]) & (units < n.index_select(0, small)[:, None])
+    drawn.index_copy_(0, small, survivors.sum(1).to(counts.dtype))
+    large = nonzero_positions(n > MAX_SUMMED_COUNT)
     # torch.binomial wants float inputs; counts are exact integers in float32 up to 2**24
-    kept = torch.binomial(counts.index_select(0, stored).float(),
-                          p.index_select(0, rows.index_select(0, stored)).float(), generator=generator)
-    return torch.zeros_like(counts).index_copy_(0, stored, kept.to(counts.dtype))
+    drawn.index_copy_(0, large, torch.binomial(n.index_select(0, large).float(), p.index_select(0, large).float(),
+                                               generator=generator).to(counts.dtype))
+    return drawn, stored
 
 
 def sample_thinning_probability(library: torch.Tensor, min_library_size: float, *,

@@ -75,16 +75,6 @@ def csr_from_dense(x: torch.Tensor, nonzero: torch.Tensor | None = None) -> torc
     return torch.sparse_csr_tensor(crow, nonzero % n_cols, x.detach().reshape(-1).index_select(0, nonzero), x.shape)
 
 
-def drop_zeros(x: torch.Tensor) -> torch.Tensor:
-    """A CSR tensor without its explicitly stored zeros."""
-    values = x.values()
-    keep = values != 0
-    kept_before = F.pad(keep.cumsum(0), (1, 0))  # kept entries before each stored position
-    kept = keep.nonzero().squeeze(1)
-    return torch.sparse_csr_tensor(kept_before.index_select(0, x.crow_indices()), x.col_indices().index_select(0, kept),
-                                   values.index_select(0, kept), x.shape)
-
-
 def stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """Tensors of one layout (dense or CSR) with the same columns, one above the other."""
     if parts[0].layout != torch.sparse_csr:
@@ -103,48 +93,45 @@ def map_values(x: torch.Tensor, function) -> torch.Tensor:
     return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), function(x.values()), x.shape)
 
 
-def sparse_linear(x: torch.Tensor, extra: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor
-                  ) -> torch.Tensor:
-    """``F.linear(cat([x.to_dense(), extra], 1), weight, bias)`` for a sparse CSR ``x``, without densifying.
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor | None, extra_weight: torch.Tensor | None,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """``x.to_dense() @ weight + extra @ extra_weight + bias`` for a sparse CSR ``x``, without densifying.
 
-    ``extra``: dense columns after x's (the batch one-hot), or None. Gradients flow to
-    ``weight`` and ``bias``, not to the inputs (data).
+    ``weight``: (n_columns of x, n_out), the layout ``embedding_bag`` gathers rows from;
+    ``extra``: dense columns after x's (the batch one-hot) with their (n_extra, n_out)
+    ``extra_weight``, or both None. Gradients flow to the weights and the bias, not to the
+    inputs (data).
     """
-    return _SparseLinear.apply(x.crow_indices(), x.col_indices(), x.values(), extra, weight, bias)
+    return _SparseLinear.apply(x.crow_indices(), x.col_indices(), x.values(), weight, extra, extra_weight, bias)
 
 
 class _SparseLinear(torch.autograd.Function):
-    """out = x @ W_x^T + extra @ W_extra^T + b with x in CSR (crow, col, values).
+    """out = x @ W + extra @ W_extra + b with x in CSR (crow, col, values) and W (n_in, n_out).
 
-    Forward gathers the weight rows of each row's non-zeros (``embedding_bag``, weight in
-    (in, out) layout); backward does the same by column: the weight gradient of input column
-    j is the sum of value * grad_out[row] over column j's non-zeros, in CSC order.
+    Forward gathers the weight rows of each row's non-zeros (``embedding_bag``); backward does
+    the same by column: the gradient of weight row j is the sum of value * grad_out[row] over
+    column j's non-zeros, in CSC order. W's layout is the one both read, so neither copies it.
     """
 
     @staticmethod
-    def forward(ctx, crow, col, values, extra, weight, bias):
-        n_x = weight.shape[1] - (0 if extra is None else extra.shape[1])
-        table = weight[:, :n_x].t().contiguous()
-        out = F.embedding_bag(col, table, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
+    def forward(ctx, crow, col, values, weight, extra, extra_weight, bias):
+        out = F.embedding_bag(col, weight, crow, mode="sum", per_sample_weights=values, include_last_offset=True)
         if extra is not None:
-            out = torch.addmm(out, extra, weight[:, n_x:].t())
+            out = torch.addmm(out, extra, extra_weight)
         ctx.save_for_backward(crow, col, values, extra)
-        ctx.n_x = n_x
+        ctx.n_in = weight.shape[0]
         return out + bias
 
     @staticmethod
     def backward(ctx, grad):
         crow, col, values, extra = ctx.saved_tensors
-        n_x = ctx.n_x
+        n_in = ctx.n_in
         rows = csr_rows(crow)
         # CSC order: numpy's stable sort is a radix sort on 16-bit keys
-        keys = col.cpu().numpy().astype(np.int16 if n_x <= np.iinfo(np.int16).max else np.int32)
+        keys = col.cpu().numpy().astype(np.int16 if n_in <= np.iinfo(np.int16).max else np.int32)
         order = torch.from_numpy(np.argsort(keys, kind="stable")).to(col.device)
-        col_starts = F.pad(torch.bincount(col, minlength=n_x).cumsum(0), (1, 0))
-        grad_table = F.embedding_bag(rows.index_select(0, order), grad, col_starts, mode="sum",
-                                     per_sample_weights=values.index_select(0, order), include_last_offset=True)
-        grad_weight = grad.new_empty(grad.shape[1], n_x + (0 if extra is None else extra.shape[1]))
-        grad_weight[:, :n_x] = grad_table.t()
-        if extra is not None:
-            grad_weight[:, n_x:] = grad.t() @ extra
-        return None, None, None, None, grad_weight, grad.sum(0)
+        col_starts = F.pad(torch.bincount(col, minlength=n_in).cumsum(0), (1, 0))
+        grad_weight = F.embedding_bag(rows.index_select(0, order), grad, col_starts, mode="sum",
+                                      per_sample_weights=values.index_select(0, order), include_last_offset=True)
+        grad_extra_weight = None if extra is None else extra.t() @ grad
+        return None, None, None, grad_weight, None, grad_extra_weight, grad.sum(0)

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from distributed_je.augment import binomial_thin, sample_thinning_probability
+from distributed_je.augment import MAX_SUMMED_COUNT, binomial_thin, sample_thinning_probability
 
 
 def counts(n_cells=50, n_genes=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.poisson(torch.rand(n_cells, n_genes, generator=g) * 5, generator=g)
-    x[x < 2] = 0  # sparse-looking
+    x[x == 2] = 0  # sparse-looking, and 1s as in real counts
     return x
 
 
@@ -44,11 +44,17 @@ def test_p_one_is_identity_and_p_zero_gives_zeros():
     assert torch.equal(binomial_thin(x, torch.zeros(50)), torch.zeros_like(x))
 
 
-def test_sparse_and_dense_inputs_give_the_same_draw():
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])  # the loader's CSR batches: int32
+def test_sparse_and_dense_inputs_give_the_same_draw(index_dtype):
     x, p = counts(), torch.linspace(0.05, 0.95, 50)
     dense = binomial_thin(x, p, generator=torch.Generator().manual_seed(3))
-    sparse = binomial_thin(x.to_sparse_csr(), p, generator=torch.Generator().manual_seed(3))
+    csr = x.to_sparse_csr()
+    csr = torch.sparse_csr_tensor(csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype),
+                                  csr.values(), x.shape)
+    sparse = binomial_thin(csr, p, generator=torch.Generator().manual_seed(3))
     assert sparse.layout == torch.sparse_csr
+    assert sparse.crow_indices().dtype == sparse.col_indices().dtype == index_dtype
+    assert (sparse.values() != 0).all()  # only its own non-zeros are stored
     assert torch.equal(sparse.to_dense(), dense)
 
 
@@ -99,9 +105,11 @@ def test_superset_of_positions_gives_the_same_draw():
     assert torch.equal(exact, superset)
 
 
+# counts 1, 3 and 8 take each of _draw's three paths: one uniform, summed units, torch.binomial
+@pytest.mark.parametrize("count", [1, 3, MAX_SUMMED_COUNT, 8])
 @pytest.mark.parametrize("p", [0.2, 0.7])
-def test_draws_follow_the_binomial_pmf(p):
-    count, n_draws = 8, 40000
+def test_draws_follow_the_binomial_pmf(p, count):
+    n_draws = 40000
     y = binomial_thin(torch.full((1, n_draws), float(count)), torch.tensor([p]),
                       generator=torch.Generator().manual_seed(5))
     frequencies = torch.bincount(y.long().reshape(-1), minlength=count + 1).double() / n_draws

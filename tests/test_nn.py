@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_je import sparse
-from distributed_je.nn import Encoder
+from distributed_je.nn import BatchLinear, Encoder
 from distributed_je.sparse import csr_from_dense
 
 from tests.test_sparse import sparse_counts
@@ -12,6 +12,20 @@ from tests.test_sparse import sparse_counts
 def encoder(n_genes, n_batches):
     torch.manual_seed(0)
     return Encoder(n_genes, 8, n_hidden=32, n_layers=2, dropout_rate=0.0, n_batches=n_batches)
+
+
+@pytest.mark.parametrize("n_batches", [0, 3])
+def test_batch_linear_is_a_linear_layer_over_x_joined_with_the_one_hot(n_batches):
+    torch.manual_seed(0)
+    layer = BatchLinear(20, 7, n_batches)
+    x = torch.randn(12, 20)
+    one_hot = F.one_hot(torch.arange(12) % 3, 3).float()
+    weights = [layer.weight] + ([layer.batch_weight] if n_batches else [])
+    joined = torch.cat([x, one_hot], 1) if n_batches else x
+    expected = F.linear(joined, torch.cat(weights).T, layer.bias)
+    torch.testing.assert_close(layer(x, one_hot if n_batches else None), expected)
+    # nn.Linear's initialisation: uniform within 1/sqrt(fan_in), fan_in counting the one-hot
+    assert max(w.abs().max() for w in weights + [layer.bias]) <= 1 / (20 + n_batches) ** 0.5
 
 
 @pytest.mark.parametrize("n_batches", [0, 2])
