@@ -105,8 +105,8 @@ def test_superset_of_positions_gives_the_same_draw():
     assert torch.equal(exact, superset)
 
 
-# counts 1, 3 and 8 take each of _draw's three paths: one uniform, summed units, torch.binomial
-@pytest.mark.parametrize("count", [1, 3, MAX_SUMMED_COUNT, 8])
+# each of _draw's paths: one uniform (1), summed units (3, MAX_SUMMED_COUNT), torch.binomial (above)
+@pytest.mark.parametrize("count", [1, 3, MAX_SUMMED_COUNT, MAX_SUMMED_COUNT + 4])
 @pytest.mark.parametrize("p", [0.2, 0.7])
 def test_draws_follow_the_binomial_pmf(p, count):
     n_draws = 40000
