@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from distributed_je.sparse import csr_rows, nonzero_positions
+from distributed_je.sparse import Entries, csr_rows, nonzero_positions, repeat_positions, stored_entries
 
-# Counts up to this are drawn as sums of Bernoulli units (see _draw): fastest of 3, 4, 6, 8, 16 on CPU.
-MAX_SUMMED_COUNT = 4
+# Counts up to this are drawn as sums of Bernoulli units (see _draw): of 8, 16 and 32, 16 was
+# fastest in a training step on CPU.
+MAX_SUMMED_COUNT = 16
 
 
 def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generator | None = None,
-                  nonzero: torch.Tensor | None = None) -> torch.Tensor:
+                  entries: Entries | None = None) -> torch.Tensor:
     """Draw y* ~ Binomial(y, p) elementwise, with one success probability per cell.
 
     ``x`` holds counts, dense (n_cells, n_genes) or a sparse CSR tensor (the result then stores
     only its own non-zeros); ``p`` has shape (n_cells,) or (n_cells, 1). Only the non-zeros are
     drawn, in row-major order, so a dense and a sparse copy of the same counts give the same
     draw from the same generator.
-    ``nonzero``: the flat positions of a dense ``x``'s non-zeros in increasing order, if already
-    known (a superset is fine).
+    ``entries``: ``stored_entries(x)``, if already known; for a dense ``x``, entries covering a
+    superset of its non-zeros are fine.
     """
     n_cells = x.shape[0]
     p = p.reshape(-1).to(dtype=x.dtype, device=x.device)
@@ -28,17 +29,18 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
     if bool(((p < 0) | (p > 1)).any()):
         raise ValueError("p must lie in [0, 1] for every cell")
     if x.layout == torch.sparse_csr:
-        drawn, entries = _draw(x.values(), csr_rows(x.crow_indices()), p, generator)
+        rows = csr_rows(x.crow_indices()) if entries is None else entries.rows
+        drawn, kept = _draw(x.values(), rows, p, generator)
         survived = nonzero_positions(drawn)
-        drawn, entries = drawn.index_select(0, survived), entries.index_select(0, survived)
+        drawn, kept = drawn.index_select(0, survived), kept.index_select(0, survived)
         # the surviving entries before each row boundary give the result's row pointers
-        crow = torch.searchsorted(entries, x.crow_indices(), out_int32=x.crow_indices().dtype == torch.int32)
-        return torch.sparse_csr_tensor(crow, x.col_indices().index_select(0, entries), drawn, x.shape)
+        crow = torch.searchsorted(kept, x.crow_indices(), out_int32=x.crow_indices().dtype == torch.int32)
+        return torch.sparse_csr_tensor(crow, x.col_indices().index_select(0, kept), drawn, x.shape)
     if x.layout != torch.strided:
         raise ValueError(f"binomial_thin takes dense or sparse CSR counts, got layout {x.layout}")
-    positions = nonzero_positions(x) if nonzero is None else nonzero
-    drawn, entries = _draw(x.reshape(-1).index_select(0, positions), positions // x.shape[1], p, generator)
-    return torch.zeros_like(x).view(-1).index_copy_(0, positions.index_select(0, entries), drawn).view(x.shape)
+    entries = stored_entries(x) if entries is None else entries
+    drawn, kept = _draw(x.reshape(-1).index_select(0, entries.flat), entries.rows, p, generator)
+    return torch.zeros_like(x).view(-1).index_copy_(0, entries.flat.index_select(0, kept), drawn).view(x.shape)
 
 
 def _draw(counts: torch.Tensor, rows: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None
@@ -47,24 +49,24 @@ def _draw(counts: torch.Tensor, rows: torch.Tensor, p: torch.Tensor, generator: 
 
     Returns the draws of the entries above 0 and those entries' indices, in storage order.
     Entries of 0 take no random numbers, so explicitly stored zeros leave the other draws
-    unchanged. Each UMI survives with probability p: every entry's first UMI is decided by one
-    uniform, which settles a count of 1 (73% of pbmc3k's entries, 2,000 genes); the other
-    UMIs of a count up to MAX_SUMMED_COUNT (91% of entries) by one uniform each, and those of
-    larger counts by torch.binomial, several times dearer per entry.
+    unchanged. Each UMI survives with probability p: those of a count up to MAX_SUMMED_COUNT
+    (98% of pbmc3k's entries over 2,000 genes) by one uniform each, in storage order; larger
+    counts by torch.binomial, which costs as much per entry as ~25 uniforms.
     """
     stored = nonzero_positions(counts > 0)
-    n, p = counts.index_select(0, stored), p.index_select(0, rows.index_select(0, stored))
-    drawn = (torch.rand(n.shape, generator=generator, dtype=p.dtype, device=p.device) < p).to(counts.dtype)
-    small = nonzero_positions((n > 1) & (n <= MAX_SUMMED_COUNT))
-    other_units = torch.arange(1, MAX_SUMMED_COUNT, device=n.device)
-    uniforms = torch.rand((small.shape[0], MAX_SUMMED_COUNT - 1), generator=generator, dtype=p.dtype, device=p.device)
-    survivors = (uniforms < p.index_select(0, small)[:, None]) & (other_units < n.index_select(0, small)[:, None])
-    drawn.index_add_(0, small, survivors.sum(1).to(counts.dtype))
-    large = nonzero_positions(n > MAX_SUMMED_COUNT)
-    # the UMIs after the first; torch.binomial wants float inputs, exact for counts up to 2**24
-    drawn.index_add_(0, large, torch.binomial(n.index_select(0, large).float() - 1, p.index_select(0, large).float(),
-                                              generator=generator).to(counts.dtype))
-    return drawn, stored
+    if stored.shape[0] < counts.shape[0]:
+        counts, rows = counts.index_select(0, stored), rows.index_select(0, stored)
+    p = p.index_select(0, rows)
+    summed = counts <= MAX_SUMMED_COUNT
+    owners = repeat_positions(torch.where(summed, counts, 0).long())  # the entry of each summed UMI
+    uniforms = torch.rand(owners.shape, generator=generator, dtype=p.dtype, device=p.device)
+    survived = uniforms < p.index_select(0, owners)
+    drawn = torch.zeros_like(counts).index_add_(0, owners, survived.to(counts.dtype))
+    large = nonzero_positions(~summed)
+    # torch.binomial wants float inputs, exact for counts up to 2**24
+    binomial = torch.binomial(counts.index_select(0, large).float(), p.index_select(0, large).float(),
+                              generator=generator)
+    return drawn.index_copy_(0, large, binomial.to(counts.dtype)), stored
 
 
 def sample_thinning_probability(library: torch.Tensor, min_library_size: float, *,

@@ -95,10 +95,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     """One pass over ``batches``; advances ``state.step`` and returns global ``train_*`` means."""
     device = torch.device(device)
     model.train()
-    seed = config.experiment.seed
-    # Dropout draws from torch's global generator, which cannot be passed in: seed it here.
-    torch.manual_seed(derive_seed(seed, rank, state.epoch, STREAM_TRAIN))
-    generator = torch_generator(seed, rank, state.epoch, STREAM_TRAIN, device)
+    generator = torch_generator(config.experiment.seed, rank, state.epoch, STREAM_TRAIN, device)
     sums = _MetricSums(TERMS, device)
     start = time.perf_counter()
     for batch in batches:

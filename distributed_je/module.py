@@ -19,7 +19,7 @@ from distributed_je.distributions import kl_normal_standard, reconstruction_nll
 from distributed_je.keys import BATCH_INDEX, COUNTS
 from distributed_je.losses import cross_correlation_loss
 from distributed_je.nn import Decoder, Encoder
-from distributed_je.sparse import for_encoder, row_sums, stack_rows, stored_positions
+from distributed_je.sparse import for_encoder, row_sums, stack_rows, stored_entries
 
 
 class LossOutput(NamedTuple):
@@ -81,31 +81,32 @@ class JESCVI(nn.Module):
         counts = batch[COUNTS]  # dense, or CSR (on CPU: read at its non-zeros, never densified)
         batch_index = batch.get(BATCH_INDEX)
         one_hot = self._one_hot(batch_index, counts.shape[0], counts.device)
-        library = row_sums(counts)  # (n_cells, 1) UMIs
-        nonzero = stored_positions(counts)  # also covers the thinned copy's non-zeros
-        view = for_encoder(counts, nonzero)  # sparse on CPU: thinning and encoder read the non-zeros only
+        entries = stored_entries(counts)  # also covers the thinned copy's non-zeros
+        library = row_sums(counts, entries.rows)  # (n_cells, 1) UMIs
+        view = for_encoder(counts, entries.flat)  # sparse on CPU: thinning and encoder read the non-zeros only
         variant = self.model_config.variant
 
         thinned = None
         if variant != "scvi":
             p = sample_thinning_probability(library, self.augment_config.min_library_size, generator=generator)
-            thinned = binomial_thin(view, p, generator=generator, nonzero=nonzero)
+            thinned = binomial_thin(view, p, generator=generator, entries=entries)
         if variant == "thinning_only":  # SCVI trained on thinned counts: the thinned copy is the cell
-            counts, library, nonzero = thinned, row_sums(thinned), None
+            counts, library, entries = thinned, row_sums(thinned), None
         # denoising encodes the thinned view but reconstructs the original counts, so the
         # decoder scales by the original library L: the target is y, whose depth is L.
         if variant in ("thinning_only", "denoising"):
             view = thinned
 
         if self.weights.je > 0:  # both views through the encoder at once, BatchNorm per view
-            mean, var = self.encoder(stack_rows([view, thinned]), one_hot.repeat(2, 1), n_views=2)
+            mean, var = self.encoder(stack_rows([view, thinned]), one_hot.repeat(2, 1), n_views=2,
+                                     generator=generator)
             (q_mean, t_mean), (q_var, t_var) = mean.chunk(2), var.chunk(2)
         else:
-            q_mean, q_var = self.encoder(view, one_hot)
+            q_mean, q_var = self.encoder(view, one_hot, generator=generator)
         z = self._sample(q_mean, q_var, generator)
 
         mu, theta, zi_logits = self.decoder(z, library, batch_index, one_hot)
-        recon_nll = reconstruction_nll(self.model_config.likelihood, counts, mu, theta, zi_logits, nonzero).mean()
+        recon_nll = reconstruction_nll(self.model_config.likelihood, counts, mu, theta, zi_logits, entries).mean()
         kl = kl_normal_standard(q_mean, q_var).mean()
 
         cco = torch.zeros((), device=counts.device)

@@ -40,6 +40,22 @@ class BatchLinear(nn.Module):
         return out if one_hot is None else torch.addmm(out, one_hot, self.batch_weight)
 
 
+class Dropout(nn.Module):
+    """nn.Dropout drawing from a generator passed in (seeded from seed, rank and epoch) rather than
+    torch's global one; its uniforms and compare are also ~2x faster on CPU than bernoulli_."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        # float32 uniforms under autocast too: bf16's would round the keep probability
+        uniforms = torch.rand(x.shape, generator=generator, device=x.device)
+        return x * ((uniforms >= self.rate).to(x.dtype) / (1 - self.rate))
+
+
 class FCLayers(nn.Module):
     """Linear -> BatchNorm -> ReLU -> Dropout, repeated; the batch one-hot joins every layer's input."""
 
@@ -52,20 +68,20 @@ class FCLayers(nn.Module):
                 # momentum and eps as in scvi-tools, which the parity benchmark compares against
                 nn.BatchNorm1d(n_to, momentum=0.01, eps=1e-3),
                 nn.ReLU(),
-                nn.Dropout(dropout_rate),
+                Dropout(dropout_rate),
             )
             for n_from, n_to in zip(sizes[:-1], sizes[1:])
         )
 
-    def forward(self, x: torch.Tensor, batch_one_hot: torch.Tensor | None, n_views: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch_one_hot: torch.Tensor | None, n_views: int = 1,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """``x``: dense, or sparse CSR (read at its non-zeros by the first layer). Its rows may be
         ``n_views`` views of the same cells stacked: one matmul for all, BatchNorm per view, so
-        the result equals one call per view."""
-        for linear, norm, *rest in self.layers:
+        the result equals one call per view. ``generator``: dropout's, in training."""
+        for linear, norm, relu, dropout in self.layers:
             x = linear(x, batch_one_hot)
             x = norm(x) if n_views == 1 else torch.cat([norm(view) for view in x.chunk(n_views)])
-            for module in rest:
-                x = module(x)
+            x = dropout(relu(x), generator)
         return x
 
 
@@ -79,15 +95,15 @@ class Encoder(nn.Module):
         self.mean = nn.Linear(n_hidden, n_latent)
         self.log_var = nn.Linear(n_hidden, n_latent)
 
-    def forward(self, counts: torch.Tensor, batch_one_hot: torch.Tensor | None,
-                n_views: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, counts: torch.Tensor, batch_one_hot: torch.Tensor | None, n_views: int = 1,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``counts``: dense or sparse CSR, possibly ``n_views`` stacked views (see FCLayers)."""
         counts = for_encoder(counts)
         if counts.layout == torch.sparse_csr:
             log_counts = map_values(counts, torch.log1p)  # log1p(0) = 0: the non-zeros stay where they are
         else:
             log_counts = torch.log1p(counts)
-        h = self.body(log_counts, batch_one_hot, n_views)
+        h = self.body(log_counts, batch_one_hot, n_views, generator)
         # float32 out of any autocast region: the KL and the likelihood need the precision
         return self.mean(h).float(), torch.exp(self.log_var(h).float()) + VAR_EPS
 

@@ -8,6 +8,7 @@ weighted gather of weight rows: ``F.embedding_bag``.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,24 +30,44 @@ def nonzero_positions(x: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(1)
 
 
+def repeat_positions(repeats: torch.Tensor) -> torch.Tensor:
+    """Each position i of ``repeats`` (1-D, integer) ``repeats[i]`` times, in order: [0, 0, 2] for [2, 0, 1]."""
+    if repeats.device.type == "cpu":  # numpy's repeat: ~3x faster than torch's CPU repeat_interleave
+        return torch.from_numpy(np.repeat(np.arange(repeats.shape[0]), repeats.numpy()))
+    return torch.repeat_interleave(torch.arange(repeats.shape[0], device=repeats.device), repeats)
+
+
 def csr_rows(crow: torch.Tensor) -> torch.Tensor:
     """The row of each stored entry of a CSR layout, in storage order, from its ``crow_indices``."""
-    return torch.repeat_interleave(torch.arange(crow.shape[0] - 1, device=crow.device), crow.diff())
+    return repeat_positions(crow.diff())
 
 
-def stored_positions(x: torch.Tensor) -> torch.Tensor:
-    """Flat (row-major) positions of a count matrix's non-zeros: those of a dense tensor, or the
-    stored entries of a CSR tensor in storage order (so they line up with its values)."""
+class Entries(NamedTuple):
+    """Where a count matrix's stored entries (CSR) or non-zeros (dense) lie, in row-major order:
+    flat positions in the (n_rows, n_cols) grid, and the row and column of each."""
+
+    flat: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+def stored_entries(x: torch.Tensor) -> Entries:
+    """The ``Entries`` of a count matrix: a CSR tensor's stored entries in storage order (so they
+    line up with its values), or a dense tensor's non-zeros."""
+    n_cols = x.shape[1]
     if x.layout == torch.sparse_csr:
-        return csr_rows(x.crow_indices()) * x.shape[1] + x.col_indices()
-    return nonzero_positions(x)
+        rows, cols = csr_rows(x.crow_indices()), x.col_indices()
+        return Entries(rows * n_cols + cols, rows, cols)
+    flat = nonzero_positions(x)
+    return Entries(flat, flat // n_cols, flat % n_cols)
 
 
-def row_sums(x: torch.Tensor) -> torch.Tensor:
-    """(n_rows, 1) sums of the rows of a dense or CSR matrix."""
+def row_sums(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(n_rows, 1) sums of the rows of a dense or CSR matrix; ``rows``: a CSR's ``csr_rows``, if known."""
     if x.layout == torch.sparse_csr:
+        rows = csr_rows(x.crow_indices()) if rows is None else rows
         sums = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        return sums.index_add_(0, csr_rows(x.crow_indices()), x.values())[:, None]
+        return sums.index_add_(0, rows, x.values())[:, None]
     return x.sum(1, keepdim=True)
 
 

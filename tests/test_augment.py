@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from distributed_je.augment import MAX_SUMMED_COUNT, binomial_thin, sample_thinning_probability
+from distributed_je.sparse import Entries
 
 
 def counts(n_cells=50, n_genes=40, seed=0):
@@ -101,7 +102,9 @@ def test_draws_have_the_binomial_mean_and_variance(count):
 def test_superset_of_positions_gives_the_same_draw():
     x, p = counts(), torch.rand(50)
     exact = binomial_thin(x, p, generator=torch.Generator().manual_seed(4))
-    superset = binomial_thin(x, p, generator=torch.Generator().manual_seed(4), nonzero=torch.arange(x.numel()))
+    every = torch.arange(x.numel())
+    superset = binomial_thin(x, p, generator=torch.Generator().manual_seed(4),
+                             entries=Entries(every, every // x.shape[1], every % x.shape[1]))
     assert torch.equal(exact, superset)
 
 

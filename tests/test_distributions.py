@@ -57,10 +57,12 @@ def test_kl_to_standard_normal_matches_torch():
 
 @pytest.mark.parametrize("per_cell_theta", [False, True])
 def test_nb_nll_per_cell_equals_the_dense_sum_with_gradients(per_cell_theta):
-    from distributed_je.distributions import nb_nll_per_cell
+    from distributed_je.distributions import TABLED_COUNT, nb_nll_per_cell
+    from distributed_je.sparse import Entries
 
     g = torch.Generator().manual_seed(0)
     x = torch.poisson(torch.rand(20, 30, generator=g) * 2, generator=g).double()
+    x[::3, ::4] = torch.tensor([TABLED_COUNT, TABLED_COUNT + 1, 57.0, 300.0]).double().repeat(2)  # tabled and not
     mu = (torch.rand(20, 30, generator=g).double() * 5 + 0.1).requires_grad_()
     shape = (20, 30) if per_cell_theta else (1, 30)
     theta = (torch.rand(shape, generator=g).double() * 3 + 0.1).requires_grad_()
@@ -72,13 +74,16 @@ def test_nb_nll_per_cell_equals_the_dense_sum_with_gradients(per_cell_theta):
     dense_grads = torch.autograd.grad((dense * weights).sum(), (mu, theta))
     for a, b in zip(fast_grads, dense_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-9)
-    csr = nb_nll_per_cell(x.to_sparse_csr(), mu, theta)  # read at its stored entries
-    assert torch.allclose(csr, dense, atol=1e-9)
-    csr_grads = torch.autograd.grad((csr * weights).sum(), (mu, theta))
-    for a, b in zip(csr_grads, dense_grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-9)
-    superset = torch.arange(x.numel())  # positions of zeros as well: they add nothing
+    every = torch.arange(x.numel())
+    with_zeros = torch.sparse_csr_tensor(torch.arange(0, x.numel() + 1, 30), every % 30, x.reshape(-1), x.shape)
+    for csr in (x.to_sparse_csr(), with_zeros):  # read at its stored entries, explicit zeros included
+        from_csr = nb_nll_per_cell(csr, mu, theta)
+        assert torch.allclose(from_csr, dense, atol=1e-9)
+        csr_grads = torch.autograd.grad((from_csr * weights).sum(), (mu, theta))
+        for a, b in zip(csr_grads, dense_grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-9)
+    superset = Entries(every, every // 30, every % 30)  # positions of zeros as well: they add nothing
     with pytest.raises(ValueError, match="stored entries"):  # a CSR's values pair with its own positions only
-        nb_nll_per_cell(x.to_sparse_csr(), mu, theta, nonzero=superset)
-    assert torch.allclose(nb_nll_per_cell(x, mu, theta, nonzero=superset), dense, atol=1e-9)
+        nb_nll_per_cell(x.to_sparse_csr(), mu, theta, entries=superset)
+    assert torch.allclose(nb_nll_per_cell(x, mu, theta, entries=superset), dense, atol=1e-9)
     assert torch.autograd.gradcheck(lambda m, t: nb_nll_per_cell(x, m, t), (mu, theta))

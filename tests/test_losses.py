@@ -103,3 +103,21 @@ def test_ddp_parameter_gradients_equal_single_process_with_unequal_shards():
     for rank_grads in run_gloo(_ddp_parameter_gradients, 2, x1, x2):
         for got, want in zip(rank_grads, expected):
             assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_closed_form_gradient_matches_autograd_on_the_naive_loss():
+    z1, z2 = (z.double().requires_grad_() for z in latents(n=12))
+    z2.data[:, 0] = 3.0  # a constant dimension: its z-score is 0, its gradient finite
+    expected = torch.autograd.grad(naive_cco(z1, z2, LAMBDA), (z1, z2))
+    got = torch.autograd.grad(cross_correlation_loss(z1, z2, lambda_off_diag=LAMBDA), (z1, z2))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_closed_form_gradient_passes_gradcheck():
+    from distributed_je.losses import _CrossCorrelationLoss
+
+    z1, z2 = latents(n=10)
+    views = torch.stack([z1, z2]).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: _CrossCorrelationLoss.apply(v, LAMBDA), (views,))

@@ -74,6 +74,16 @@ def test_same_seed_same_loss_and_other_seed_other_thinning():
     assert torch.equal(a.loss, b.loss) and not torch.equal(a.cco, c.cco)
 
 
+def test_in_training_every_draw_dropout_included_comes_from_the_generator():
+    batch, matrix = tiny_batch()
+    model = build_model(load_config(), matrix.n_genes, matrix.n_batches).train()
+    losses = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # torch's global generator must not matter
+        losses.append(model(batch, generator=torch.Generator().manual_seed(1)).loss)
+    assert torch.equal(*losses)
+
+
 def test_encode_and_bias_point():
     batch, matrix = tiny_batch()
     model = build_model(load_config(None, ["model.n_latent=7"]), matrix.n_genes, matrix.n_batches)
@@ -131,7 +141,6 @@ def test_sparse_and_dense_encoder_inputs_give_the_same_objective(variant, monkey
     for layout, max_density in [("sparse", 1.0), ("dense", 0.0)]:
         monkeypatch.setattr(sparse, "MAX_SPARSE_DENSITY", max_density)
         model = build_model(config, 200, 2)
-        torch.manual_seed(0)  # dropout
         out = model(batch, generator=torch.Generator().manual_seed(1))
         out.loss.backward()
         results[layout] = out, {name: p.grad for name, p in model.named_parameters()}
@@ -154,7 +163,6 @@ def test_csr_and_dense_batches_give_the_same_objective_gradients_and_scores(vari
     for layout, batch_counts in [("csr", counts.to_sparse_csr()), ("dense", counts)]:
         batch = {COUNTS: batch_counts, BATCH_INDEX: torch.arange(48) % 2}
         model = build_model(config, 200, 2)
-        torch.manual_seed(0)  # dropout
         out = model(batch, generator=torch.Generator().manual_seed(1))
         out.loss.backward()
         scores = model.low_depth_scores(batch, fraction=0.2, k=5, generator=torch.Generator().manual_seed(2))

@@ -57,3 +57,14 @@ def test_stacked_views_equal_one_call_per_view_batchnorm_included(density):
     torch.testing.assert_close(both, torch.cat(means), rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(separate.state_dict().items(), stacked.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # running statistics too
+
+
+def test_dropout_draws_from_the_generator_passed_in_and_keeps_the_mean():
+    from distributed_je.nn import Dropout
+
+    dropout, x = Dropout(0.25), torch.ones(200, 100)
+    draw = [dropout(x, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
+    torch.testing.assert_close(draw[0].unique(), torch.tensor([0.0, 1 / 0.75]))  # kept values scaled up
+    assert abs((draw[0] == 0).float().mean().item() - 0.25) < 0.01  # 20,000 draws: 3 standard errors
+    assert torch.equal(dropout.eval()(x, torch.Generator().manual_seed(0)), x)

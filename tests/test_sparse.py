@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from distributed_je import sparse
-from distributed_je.sparse import (csr_from_dense, for_encoder, nonzero_positions, row_sums, sparse_linear,
-                                   stack_rows, stored_positions)
+from distributed_je.sparse import (csr_from_dense, csr_rows, for_encoder, nonzero_positions, row_sums,
+                                   sparse_linear, stack_rows, stored_entries)
 
 
 def sparse_counts(n_cells=40, n_genes=300, density=0.08, seed=0, dtype=torch.float32):
@@ -80,10 +80,20 @@ def test_sparse_linear_gradcheck():
     assert torch.autograd.gradcheck(lambda w, e, b: sparse_linear(x, w, extra, e, b), (weight, extra_weight, bias))
 
 
-def test_row_sums_and_stored_positions_of_csr_match_dense():
+def test_csr_rows_name_each_stored_entry_s_row():
+    crow = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)  # row 1 is empty
+    assert torch.equal(csr_rows(crow), torch.tensor([0, 0, 2, 2, 2, 3]))
+
+
+def test_row_sums_and_stored_entries_of_csr_match_dense():
     x = sparse_counts()
     x[3] = 0  # an empty row
     csr = x.to_sparse_csr()
     torch.testing.assert_close(row_sums(csr), x.sum(1, keepdim=True))
-    assert torch.equal(stored_positions(csr), nonzero_positions(x))
-    assert torch.equal(x.reshape(-1)[stored_positions(csr)], csr.values())
+    entries = stored_entries(csr)
+    assert torch.equal(entries.flat, nonzero_positions(x))
+    assert torch.equal(x.reshape(-1)[entries.flat], csr.values())
+    assert torch.equal(x[entries.rows, entries.cols], csr.values())
+    for a, b in zip(stored_entries(x), entries, strict=True):  # a dense matrix's non-zeros: the same entries
+        assert torch.equal(a, b)
+    torch.testing.assert_close(row_sums(csr, entries.rows), x.sum(1, keepdim=True))
