@@ -68,34 +68,37 @@ class _CountTerms:
         if self.per_gene:
             self.theta_nz = None
             self.large = nonzero_positions(counts > TABLED_COUNT)
-            self.large_theta = theta.reshape(-1).index_select(0, entries.cols.index_select(0, self.large))
+            self.large_theta = self.theta.reshape(-1).index_select(0, entries.cols.index_select(0, self.large))
             width = TABLED_COUNT + 1  # count 0 (an explicitly stored zero) has column 0, all terms 0
             self.index = entries.cols * width + counts.clamp(max=TABLED_COUNT).long()
         else:
             self.theta_nz = theta.reshape(-1).index_select(0, entries.flat)
 
-    def _table(self, steps: torch.Tensor) -> torch.Tensor:
-        """(n_genes * (TABLED_COUNT + 1),): for each gene, the cumulative sums of ``steps``
-        (n_genes, TABLED_COUNT) from 0, read at ``self.index``."""
-        return F.pad(steps.cumsum(1), (1, 0)).view(-1).index_select(0, self.index)
-
     def value(self) -> torch.Tensor:
-        counts = self.counts
         if not self.per_gene:
-            return torch.lgamma(counts + self.theta_nz) - torch.lgamma(self.theta_nz) - torch.lgamma(counts + 1)
-        j = torch.arange(TABLED_COUNT, device=counts.device, dtype=counts.dtype)
-        terms = self._table(torch.log((self.theta.reshape(-1, 1) + j) / (j + 1)))
-        n, theta = counts.index_select(0, self.large), self.large_theta
-        return terms.index_copy_(0, self.large, torch.lgamma(n + theta) - torch.lgamma(theta) - torch.lgamma(n + 1))
+            return _lgamma_terms(self.counts, self.theta_nz)
+        return self._tabled(lambda theta, j: torch.log((theta + j) / (j + 1)), _lgamma_terms)
 
     def theta_derivative(self) -> torch.Tensor:
-        counts = self.counts
         if not self.per_gene:
-            return torch.digamma(counts + self.theta_nz) - torch.digamma(self.theta_nz)
-        j = torch.arange(TABLED_COUNT, device=counts.device, dtype=counts.dtype)
-        terms = self._table(1 / (self.theta.reshape(-1, 1) + j))
-        n, theta = counts.index_select(0, self.large), self.large_theta
-        return terms.index_copy_(0, self.large, torch.digamma(n + theta) - torch.digamma(theta))
+            return _digamma_terms(self.counts, self.theta_nz)
+        return self._tabled(lambda theta, j: 1 / (theta + j), _digamma_terms)
+
+    def _tabled(self, step, exact) -> torch.Tensor:
+        """Per non-zero, the sum over j < x of ``step(theta, j)`` for its gene's theta, from the
+        gene's cumulative sums over j < TABLED_COUNT; counts above that take ``exact(x, theta)``."""
+        j = torch.arange(TABLED_COUNT, device=self.counts.device, dtype=self.counts.dtype)
+        sums = F.pad(step(self.theta.reshape(-1, 1), j).cumsum(1), (1, 0))  # (n_genes, TABLED_COUNT + 1)
+        terms = sums.view(-1).index_select(0, self.index)
+        return terms.index_copy_(0, self.large, exact(self.counts.index_select(0, self.large), self.large_theta))
+
+
+def _lgamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    return torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+
+
+def _digamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    return torch.digamma(x + theta) - torch.digamma(theta)
 
 
 class _NBNegLogLikelihood(torch.autograd.Function):
