@@ -157,7 +157,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
     """
     state = state or TrainState()
     started = time.monotonic()
-    while state.epoch < config.train.max_epochs:
+    while not run_ended(state, config):
         metrics = train_epoch(model, optimizer, train_batches(state.epoch), state=state, config=config,
                               rank=rank, device=device)
         metrics.update(evaluate(model, val_batches(), config=config, rank=rank, device=device))
@@ -174,6 +174,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
                 print(f"stopping after epoch {state.epoch}: {reason}", flush=True)
             break
     return state
+
+
+def run_ended(state: TrainState, config: Config) -> bool:
+    """Whether ``state`` (say, restored from a checkpoint) has nothing left to train: all epochs
+    done, or early stopping had stopped it. A spent time budget does not count: it is per run."""
+    return state.epoch >= config.train.max_epochs or (
+        bool(state.history) and stop_reason(state, config, seconds=0) is not None)
 
 
 def stop_reason(state: TrainState, config: Config, *, seconds: float) -> str | None:

@@ -25,7 +25,7 @@ def train_worker(config_dict: dict) -> None:
 
     from distributed_je.artifact import load_training_state, save_checkpoint
     from distributed_je.loader import StoreLoader
-    from distributed_je.loop import build_model, build_optimizer, epoch_line, fit
+    from distributed_je.loop import build_model, build_optimizer, epoch_line, fit, run_ended
     from distributed_je.store import open_store
 
     config = Config.from_dict(config_dict)
@@ -48,6 +48,13 @@ def train_worker(config_dict: dict) -> None:
             state = load_training_state(directory, model, optimizer)
         if rank == 0:
             print(f"resuming from the checkpoint after epoch {state.epoch}", flush=True)
+    if state is not None and run_ended(state, config):
+        # The run had ended before this restart (a Tune driver killed before it recorded the trial
+        # as finished restarts it): report the last epoch again, so the caller gets its result.
+        if rank == 0:
+            print(f"the run had already ended after epoch {state.epoch}; reporting that epoch again", flush=True)
+        ray.train.report(state.history[-1])
+        return
     ddp_model = ray.train.torch.prepare_model(model)
 
     def on_epoch_end(state, metrics):

@@ -1,7 +1,7 @@
 
 from distributed_je.config import load_config
 from distributed_je.counts import minibatches
-from distributed_je.loop import TrainState, build_model, build_optimizer, epoch_line, fit, kl_weight_at
+from distributed_je.loop import TrainState, build_model, build_optimizer, epoch_line, fit, kl_weight_at, run_ended
 from distributed_je.seeding import derive_seed, numpy_generator
 from distributed_je.synthetic import synthetic_counts
 
@@ -46,6 +46,21 @@ def test_fit_continues_from_a_state():
     state = _train(config, matrix, state=TrainState(epoch=2, step=6))
     assert [m["epoch"] for m in state.history] == [3]
     assert state.step == 6 + 200 // 64
+
+
+def test_a_run_that_had_ended_trains_no_more_when_restored():
+    matrix = synthetic_counts(200, 40, seed=0)
+    config = load_config(None, ["train.max_epochs=10", "train.early_stopping_patience=1"])
+    history = [{"epoch": 1, "val_elbo": 5.0}, {"epoch": 2, "val_elbo": 6.0}]  # stopped after epoch 2
+    assert run_ended(TrainState(epoch=2, step=6, history=history), config)
+    state = _train(config, matrix, state=TrainState(epoch=2, step=6, history=list(history)))
+    assert (state.epoch, state.step, state.history) == (2, 6, history)
+
+    improving = [{"epoch": 1, "val_elbo": 6.0}, {"epoch": 2, "val_elbo": 5.0}]
+    assert not run_ended(TrainState(epoch=2, history=improving), config)
+    assert run_ended(TrainState(epoch=10, history=improving), config)
+    assert not run_ended(TrainState(), config)
+    assert not run_ended(TrainState(epoch=3, history=[{"epoch": 3}]), load_config(None, ["train.max_epochs=4"]))
 
 
 def test_epoch_line_shows_the_terms():

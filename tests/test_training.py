@@ -117,6 +117,32 @@ def test_ray_path_equals_plain_path_and_two_workers_stay_close(local_ray, pbmc_s
         assert ray_two[key] == pytest.approx(ray_one[key], rel=0.2), key
 
 
+def test_a_finished_run_started_again_reports_its_last_epoch_and_trains_no_more(local_ray, pbmc_store, tmp_path):
+    """A Tune trial restarted after its Train run had ended must still report its result."""
+    from ray.train import UserCallback
+
+    from distributed_je.training import run_training
+
+    class RecordReports(UserCallback):  # runs in the Train controller: records to a file
+        def __init__(self, path):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps([metrics[0]["epoch"], metrics[0]["train_seconds"]]) + "\n")
+
+    def reports(name):
+        path = tmp_path / name
+        run_training(config, callbacks=[RecordReports(str(path))])
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    config = config_for(pbmc_store, tmp_path, "finished", "train.max_epochs=1", "data.batch_size=256")
+    first = reports("first.jsonl")
+    assert len(first) == 1 and first[0][0] == 1
+    assert reports("again.jsonl") == first  # the same epoch, not trained again
+    assert sorted(p.name for p in (tmp_path / "finished").glob("epoch_*")) == ["epoch_00001"]
+
+
 def test_kill_the_driver_and_the_same_command_resumes(pbmc_store, tmp_path):
     config = tmp_path / "resume.yaml"
     config.write_text(json.dumps({

@@ -198,13 +198,15 @@ def test_kill_the_tune_driver_and_resume_loses_and_reruns_no_trial(pbmc_store, t
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"}
     experiment = storage / "smoke"
 
-    def finished_trials() -> dict[str, int]:
-        """Trial directory -> the number of results it reported, for trials that ran to the end."""
+    def finished_trials() -> dict[str, list]:
+        """Trial directory -> the epochs it trained, for trials that ran to the end. A trial that
+        had finished before Tune recorded it is restarted and reports its last epoch again (the
+        same epoch and train_seconds): that is not training again."""
         done = {}
         for result in experiment.glob("run_trial_*/result.json"):
-            lines = result.read_text().splitlines()
-            if lines and json.loads(lines[-1]).get("run_complete"):
-                done[result.parent.name] = len(lines)
+            rows = [json.loads(line) for line in result.read_text().splitlines()]
+            if rows and rows[-1].get("run_complete"):
+                done[result.parent.name] = list(dict.fromkeys((row["epoch"], row["train_seconds"]) for row in rows))
         return done
 
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
