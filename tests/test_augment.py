@@ -1,8 +1,17 @@
 import pytest
 import torch
 
+from distributed_je import augment
 from distributed_je.augment import MAX_SUMMED_COUNT, binomial_thin, sample_thinning_probability
 from distributed_je.sparse import Entries
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def draw(request, monkeypatch):
+    """Each implementation of the draw: numpy (what CPUs run) and torch (what GPUs run, here on CPU)."""
+    if request.param == "torch":
+        monkeypatch.setattr(augment, "_draw", augment._draw_torch)
+    return request.param
 
 
 def counts(n_cells=50, n_genes=40, seed=0):
@@ -20,7 +29,7 @@ def test_thinned_counts_are_integers_not_above_the_original():
     assert y.sum() < x.sum()
 
 
-def test_mean_of_many_draws_is_p_times_counts():
+def test_mean_of_many_draws_is_p_times_counts(draw):
     x = counts(n_cells=4, n_genes=10)
     p = torch.tensor([0.1, 0.5, 0.9, 0.25])
     g = torch.Generator().manual_seed(2)
@@ -30,7 +39,7 @@ def test_mean_of_many_draws_is_p_times_counts():
     assert ((draws.mean(0) - expected).abs() <= 5 * standard_error + 1e-6).all()
 
 
-def test_same_seed_same_draw_other_seed_other_draw():
+def test_same_seed_same_draw_other_seed_other_draw(draw):
     x, p = counts(), torch.full((50, 1), 0.5)
     a = binomial_thin(x, p, generator=torch.Generator().manual_seed(7))
     b = binomial_thin(x, p, generator=torch.Generator().manual_seed(7))
@@ -39,14 +48,14 @@ def test_same_seed_same_draw_other_seed_other_draw():
     assert not torch.equal(a, c)
 
 
-def test_p_one_is_identity_and_p_zero_gives_zeros():
+def test_p_one_is_identity_and_p_zero_gives_zeros(draw):
     x = counts()
     assert torch.equal(binomial_thin(x, torch.ones(50)), x)
     assert torch.equal(binomial_thin(x, torch.zeros(50)), torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])  # the loader's CSR batches: int32
-def test_sparse_and_dense_inputs_give_the_same_draw(index_dtype):
+def test_sparse_and_dense_inputs_give_the_same_draw(index_dtype, draw):
     x, p = counts(), torch.linspace(0.05, 0.95, 50)
     dense = binomial_thin(x, p, generator=torch.Generator().manual_seed(3))
     csr = x.to_sparse_csr()
@@ -84,7 +93,7 @@ def test_cells_below_min_library_are_not_thinned():
 
 
 @pytest.mark.parametrize("count", [1, 3, 8, 9, 64, 500])
-def test_draws_have_the_binomial_mean_and_variance(count):
+def test_draws_have_the_binomial_mean_and_variance(count, draw):
     x = torch.full((200, 50), float(count))
     p = torch.linspace(0.05, 0.95, 200)
     y = binomial_thin(x, p, generator=torch.Generator().manual_seed(3))
@@ -108,10 +117,10 @@ def test_superset_of_positions_gives_the_same_draw():
     assert torch.equal(exact, superset)
 
 
-# each of _draw's paths: one uniform (1), summed units (3, MAX_SUMMED_COUNT), torch.binomial (above)
+# each of _draw's paths: one uniform (1), summed units (3, MAX_SUMMED_COUNT), a binomial draw (above)
 @pytest.mark.parametrize("count", [1, 3, MAX_SUMMED_COUNT, MAX_SUMMED_COUNT + 4])
 @pytest.mark.parametrize("p", [0.2, 0.7])
-def test_draws_follow_the_binomial_pmf(p, count):
+def test_draws_follow_the_binomial_pmf(p, count, draw):
     n_draws = 40000
     y = binomial_thin(torch.full((1, n_draws), float(count)), torch.tensor([p]),
                       generator=torch.Generator().manual_seed(5))
@@ -121,7 +130,7 @@ def test_draws_follow_the_binomial_pmf(p, count):
     assert ((frequencies - pmf).abs() <= 5 * (pmf * (1 - pmf) / n_draws).sqrt() + 1e-4).all()
 
 
-def test_explicitly_stored_zeros_leave_the_draw_unchanged():
+def test_explicitly_stored_zeros_leave_the_draw_unchanged(draw):
     x, p = counts(), torch.rand(50)
     exact = x.to_sparse_csr()
     with_zeros = torch.ones_like(x).to_sparse_csr()  # every position stored, zeros included

@@ -50,3 +50,18 @@ def test_thinning_on_the_gpu_keeps_p_of_the_counts():
     assert torch.equal(y, y.round()) and bool((y <= x).all())
     standard_error = (5 * p * (1 - p) / x.shape[1]).sqrt()
     assert bool(((y.mean(1) - 5 * p).abs() <= 5 * standard_error).all())
+
+
+def test_the_cross_correlation_loss_and_gradient_agree_on_cpu_and_gpu():
+    """On CPU the loss runs in numpy, on a GPU in torch: the same lines, the same numbers."""
+    from distributed_je.losses import cross_correlation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(128, 10, generator=generator, dtype=torch.float64) for _ in range(2))
+    results = []
+    for device in ("cpu", "cuda"):
+        a, b = (z.to(device).requires_grad_() for z in (z1, z2))
+        loss = cross_correlation_loss(a, b, gather=False)
+        results.append((loss.detach().cpu(), *(g.cpu() for g in torch.autograd.grad(loss, (a, b)))))
+    for on_cpu, on_gpu in zip(*results, strict=True):
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-6)

@@ -50,7 +50,8 @@ def test_evaluate_writes_the_report(trained, tmp_path, capsys):
         assert 0 <= row["condition_auc"] <= 1 and row["distance_to_bias_point"] >= 0
     full = rows[-1]
     assert full["knn_kept"] == 1.0  # the full-depth neighbourhood of itself
-    assert rows[0]["median_umis"] <= 10 < rows[3]["median_umis"] <= 100
+    # thinned to 10 and 100 UMIs in expectation: medians within binomial noise (sd ~3 and ~10 a cell)
+    assert 5 <= rows[0]["median_umis"] <= 15 and 70 <= rows[3]["median_umis"] <= 130
     assert rows[0]["distance_to_bias_point"] < full["distance_to_bias_point"]  # shallow cells sit nearer f(0)
     assert len(report["bias_point"]) == 10
     recon = {r["depth"]: r for r in report["reconstruction"]}
