@@ -38,7 +38,6 @@ class _CrossCorrelationLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, views: torch.Tensor, lambda_off_diag: float) -> torch.Tensor:
         on_cpu = views.device.type == "cpu"
-        xp = np if on_cpu else torch
         views = views.detach().numpy() if on_cpu else views
         n_cells = views.shape[1]
         centered = views - views.mean(axis=1, keepdims=True)
@@ -48,21 +47,23 @@ class _CrossCorrelationLoss(torch.autograd.Function):
         diagonal = c.diagonal()
         # sum_i (1 - C_ii)^2 + lambda * (sum_ij C_ij^2 - sum_i C_ii^2)
         loss = ((1.0 - diagonal) ** 2 - lambda_off_diag * diagonal**2).sum() + lambda_off_diag * (c**2).sum()
-        ctx.xp, ctx.lambda_off_diag, ctx.saved = xp, lambda_off_diag, (centered, std, scaled, c)
+        ctx.lambda_off_diag, ctx.saved = lambda_off_diag, (centered, std, scaled, c)
         return torch.as_tensor(loss) if on_cpu else loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        xp, lam = ctx.xp, ctx.lambda_off_diag
+        lam = ctx.lambda_off_diag
         centered, std, scaled, c = ctx.saved
-        n_cells = centered.shape[1]
+        on_cpu = isinstance(c, np.ndarray)  # forward ran in numpy
+        xp = np if on_cpu else torch
+        scale = (grad.item() if on_cpu else grad) / centered.shape[1]
         diagonal = c.diagonal()
         grad_c = 2 * lam * c + xp.diag(2 * (diagonal - 1) - 2 * lam * diagonal)  # dL/dC
         # dL/dscaled: view 1 gets scaled_2 @ G^T, view 2 gets scaled_1 @ G
-        grad_scaled = (scaled[[1, 0]] @ xp.stack([grad_c.T, grad_c])) * ((grad.item() if xp is np else grad) / n_cells)
+        grad_scaled = (scaled[[1, 0]] @ xp.stack([grad_c.T, grad_c])) * scale
         # through the z-score: (g - mean g) / (s + eps) - centered * mean(g * centered) / ((s + eps)^2 s);
         # a constant dimension (s = 0) has centered = 0, so its second term is 0, not 0 / 0
         denominator = std + STD_EPS
         spread = (grad_scaled * centered).mean(axis=1, keepdims=True) / (denominator**2 * std.clip(min=1e-30))
         grad_views = (grad_scaled - grad_scaled.mean(axis=1, keepdims=True)) / denominator - centered * spread
-        return (torch.from_numpy(grad_views) if xp is np else grad_views), None
+        return (torch.from_numpy(grad_views) if on_cpu else grad_views), None
