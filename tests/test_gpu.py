@@ -65,3 +65,16 @@ def test_the_cross_correlation_loss_and_gradient_agree_on_cpu_and_gpu():
         results.append((loss.detach().cpu(), *(g.cpu() for g in torch.autograd.grad(loss, (a, b)))))
     for on_cpu, on_gpu in zip(*results, strict=True):
         torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-6)
+
+
+def test_the_cross_correlation_loss_runs_in_float32_under_bf16_autocast():
+    from distributed_je.losses import cross_correlation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(128, 10, generator=generator).cuda()
+    z2 = z1 + 0.05 * torch.randn(128, 10, generator=generator).cuda()  # C's diagonal near 1: bf16 would round it
+    full = cross_correlation_loss(z1, z2, gather=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = cross_correlation_loss(z1, z2, gather=False)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, rtol=1e-5, atol=1e-6)
