@@ -130,14 +130,22 @@ LABELS = {"ours_dense": "distributed_je StoreLoader, dense", "ours_csr": "distri
           "in_ram_csr": "in-RAM scipy CSR, random batches (ceiling)"}
 
 
-def prepare(work: Path, n_cells: int) -> tuple[str, str]:
+def reference_store(work: Path) -> Path:
+    """pbmc3k over its 2,000 most variable genes, converted once: the synthetic stores' source."""
     from distributed_je.convert import convert
-    from distributed_je.synth import synthesize
 
     work.mkdir(parents=True, exist_ok=True)
     reference = work / "pbmc3k_2000.zarr"
     if not reference.exists():
         convert(PBMC3K, str(reference), n_top_genes=2000, labels_key="cell_type", progress=False)
+    return reference
+
+
+def prepare(work: Path, n_cells: int) -> tuple[str, str]:
+    """A synthetic store of ``n_cells`` cells drawn from pbmc3k, and its h5ad copy."""
+    from distributed_je.synth import synthesize
+
+    reference = reference_store(work)
     store, h5ad = work / f"synth_{n_cells}.zarr", work / f"synth_{n_cells}.h5ad"
     if not store.exists():
         synthesize(str(reference), str(store), n_cells=n_cells, seed=0, progress=False)

@@ -7,11 +7,14 @@ is measured under the same conditions) and another trains scvi-tools; each is pi
 core with 1 torch thread, takes WARM_STEPS optimizer steps, then WINDOWS timed windows of
 steady steps. cells/s is that of the median window, so start-up (Lightning set-up, loader
 warm-up) and one-off stalls drop out; the JE cost is the median over windows of je's time
-over scvi's in the window next to it, so slow spells of a shared machine cancel. Peak RSS
-is VmHWM. Then Ray Train with 1 and 2 workers (1 CPU each) for one epoch of a 100k-cell
-synthetic store.
+over scvi's in the window next to it, so slow spells of a shared machine cancel. The two
+processes alternate --rounds times; the table gives medians over rounds, and each round's
+ratios beside them (two processes never share a slow spell, so ours against scvi-tools
+needs several rounds). Peak RSS is VmHWM. Then Ray Train with 1 and 2 workers (1 CPU each)
+for one epoch of a 100k-cell synthetic store.
 
     .venv/bin/python benchmarks/train_throughput.py          (needs `make bench-env`)
+    .venv/bin/python benchmarks/train_throughput.py --data pbmc3k --batch-sizes 128 --rounds 7 --no-ray
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from loader_throughput import peak_rss_mb, prepare  # noqa: E402  (same stores as the loader benchmark)
+from loader_throughput import peak_rss_mb, prepare, reference_store  # noqa: E402  (same stores as the loader benchmark)
 
 from distributed_je.store import open_store  # noqa: E402
 
@@ -125,18 +128,35 @@ def cells_per_s(window_seconds: list[float], steps: int, batch_size: int, n_cell
     return steps * min(batch_size, n_cells) / float(np.median(window_seconds))
 
 
-def measure(store: str, h5ad: str, batch_size: int, steps: int, n_cells: int) -> dict:
-    """cells/s and peak RSS of our scvi and je (one process, taking turns) and scvi-tools (another)."""
-    ours_run = child(["ours", store, str(batch_size), str(steps)])
-    tools_run = child(["scvi-tools", h5ad, str(batch_size), str(steps)])
-    windows = ours_run["window_seconds"]
-    result = {variant: {"cells_per_s": cells_per_s(times, steps, batch_size, n_cells),
-                        "peak_rss_mb": ours_run["peak_rss_mb"]}
-              for variant, times in windows.items()}
-    result["je_cost"] = float(np.median(np.array(windows["je"]) / np.array(windows["scvi"])))
-    result["scvi-tools"] = {"cells_per_s": cells_per_s(tools_run["window_seconds"], steps, batch_size, n_cells),
-                            "peak_rss_mb": tools_run["peak_rss_mb"]}
-    return result
+def measure(store: str, h5ad: str, batch_size: int, steps: int, n_cells: int, rounds: int) -> dict:
+    """cells/s and peak RSS of our scvi and je (one process, taking turns) and scvi-tools (another),
+    ``rounds`` times in alternation. A ratio is the median over rounds of that round's ratio, so
+    a slow spell of a shared machine that hits one process only moves one round."""
+    per_round = []
+    for _ in range(rounds):
+        ours_run = child(["ours", store, str(batch_size), str(steps)])
+        tools_run = child(["scvi-tools", h5ad, str(batch_size), str(steps)])
+        windows = ours_run["window_seconds"]
+        cells = {variant: cells_per_s(times, steps, batch_size, n_cells) for variant, times in windows.items()}
+        cells["scvi-tools"] = cells_per_s(tools_run["window_seconds"], steps, batch_size, n_cells)
+        per_round.append({
+            "cells_per_s": cells,
+            "scvi_vs_tools": cells["scvi"] / cells["scvi-tools"],
+            "je_cost": float(np.median(np.array(windows["je"]) / np.array(windows["scvi"]))),
+            "peak_rss_mb": {"ours": ours_run["peak_rss_mb"], "scvi-tools": tools_run["peak_rss_mb"]},
+        })
+
+    def median(get) -> float:
+        return float(np.median([get(r) for r in per_round]))
+
+    return {
+        "cells_per_s": {name: median(lambda r: r["cells_per_s"][name]) for name in ("scvi", "je", "scvi-tools")},
+        "scvi_vs_tools": median(lambda r: r["scvi_vs_tools"]),
+        "scvi_vs_tools_rounds": [r["scvi_vs_tools"] for r in per_round],
+        "je_cost": median(lambda r: r["je_cost"]),
+        "je_cost_rounds": [r["je_cost"] for r in per_round],
+        "peak_rss_mb": {name: max(r["peak_rss_mb"][name] for r in per_round) for name in ("ours", "scvi-tools")},
+    }
 
 
 def main() -> None:
@@ -145,6 +165,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512, 4096])
     parser.add_argument("--steps", type=int, default=20,
                         help="steps per timed window at batch 128 (scaled for larger batches, at least 8)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="our process and scvi-tools' alternate this many times per row; ratios are medians")
+    parser.add_argument("--data", nargs="+", choices=["pbmc3k", "synthetic"], default=["pbmc3k", "synthetic"])
+    parser.add_argument("--no-ray", dest="ray", action="store_false", help="skip the Ray Train workers table")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -157,40 +181,49 @@ def main() -> None:
             print(json.dumps(ray_workers(argv[1], int(argv[2]), argv[3])))
         return
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    pbmc_store, pbmc_h5ad = str(args.work / "pbmc3k_2000.zarr"), str(args.work / "pbmc3k_2000.h5ad")
-    prepare(args.work, 1_000_000)
-    ray_store, _ = prepare(args.work, 100_000)
+    pbmc_store, pbmc_h5ad = str(reference_store(args.work)), str(args.work / "pbmc3k_2000.h5ad")
+    datasets = {"pbmc3k": ("pbmc3k", pbmc_store, pbmc_h5ad)}
+    if "synthetic" in args.data:
+        datasets["synthetic"] = ("synthetic 1M", *prepare(args.work, 1_000_000))
     if not Path(pbmc_h5ad).exists():
         import anndata
 
         anndata.read_zarr(pbmc_store).write_h5ad(pbmc_h5ad)
-    atlas_store, atlas_h5ad = str(args.work / "synth_1000000.zarr"), str(args.work / "synth_1000000.h5ad")
 
     rows = []
-    for name, store, h5ad in (("pbmc3k", pbmc_store, pbmc_h5ad), ("synthetic 1M", atlas_store, atlas_h5ad)):
+    for key in args.data:
+        name, store, h5ad = datasets[key]
         n_cells = open_store(store).n_cells
         for batch_size in args.batch_sizes:
             steps = max(8, args.steps * 128 // batch_size)
-            result = measure(store, h5ad, batch_size, steps, n_cells)
+            result = measure(store, h5ad, batch_size, steps, n_cells, args.rounds)
             rows.append((name, batch_size, result))
-            print(f"  {name} batch {batch_size}: {result}", file=sys.stderr, flush=True)
+            print(f"  {name} batch {batch_size}: {json.dumps(result)}", file=sys.stderr, flush=True)
 
+    print(f"\nmedians over {args.rounds} rounds (our process, then scvi-tools'); per-round ratios in brackets")
     print("\n| data | batch | ours scvi cells/s | ours je cells/s | scvi-tools SCVI cells/s | scvi / scvi-tools | je cost per cell vs scvi | peak RSS MB (ours, both variants / scvi-tools) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch_size, r in rows:
-        s, j, t = (r[k]["cells_per_s"] for k in ("scvi", "je", "scvi-tools"))
-        rss = " / ".join(f"{r[k]['peak_rss_mb']:.0f}" for k in ("scvi", "scvi-tools"))
-        print(f"| {name} | {batch_size} | {s:,.0f} | {j:,.0f} | {t:,.0f} | {s / t:.2f}x | {r['je_cost']:.2f}x | {rss} |")
+        s, j, t = (r["cells_per_s"][k] for k in ("scvi", "je", "scvi-tools"))
+        rss = " / ".join(f"{r['peak_rss_mb'][k]:.0f}" for k in ("ours", "scvi-tools"))
+        print(f"| {name} | {batch_size} | {s:,.0f} | {j:,.0f} | {t:,.0f} | {r['scvi_vs_tools']:.2f}x "
+              f"({rounded(r['scvi_vs_tools_rounds'])}) | {r['je_cost']:.2f}x ({rounded(r['je_cost_rounds'])}) | {rss} |")
+    if not args.ray:
+        return
 
     import tempfile
 
+    ray_store, _ = prepare(args.work, 100_000)
     with tempfile.TemporaryDirectory() as tmp:
         ray_rows = {w: child(["ray", ray_store, str(w), tmp])["cells_per_s"] for w in (1, 2)}
     print("\n| Ray Train workers (1 CPU each, global batch 512, synthetic 100k, one epoch) | cells/s | vs 1 worker |")
     print("|---|---|---|")
     for w, c in ray_rows.items():
         print(f"| {w} | {c:,.0f} | {c / ray_rows[1]:.2f}x |")
+
+
+def rounded(ratios: list[float]) -> str:
+    return ", ".join(f"{ratio:.2f}" for ratio in ratios)
 
 
 if __name__ == "__main__":
