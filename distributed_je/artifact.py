@@ -3,7 +3,9 @@
 A checkpoint directory holds everything needed to continue training exactly or to use the
 model: ``model.pt`` and ``optimizer.pt`` (tensors only, loaded with ``weights_only=True``, so a
 checkpoint cannot run code), ``state.json`` (epochs, steps, history), ``config.json`` (the
-resolved config) and ``genes.json`` (gene names in model order, and the batch categories).
+resolved config), ``genes.json`` (gene names in model order, and the batch categories) and
+``format.json`` (the checkpoint format, so that a checkpoint this version cannot read fails
+by saying so, not with a tensor shape mismatch).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from distributed_je.config import Config
 from distributed_je.loop import TrainState, build_model
 from distributed_je.module import JESCVI
 
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE, GENES_FILE = (
-    "model.pt", "optimizer.pt", "state.json", "config.json", "genes.json")
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE, GENES_FILE, FORMAT_FILE = (
+    "model.pt", "optimizer.pt", "state.json", "config.json", "genes.json", "format.json")
+# Raised whenever what a checkpoint holds changes meaning or layout; format 1 is the first
+# with FORMAT_FILE (weights stored (n_in, n_out) by nn.BatchLinear). One without the file reads as 0.
+FORMAT_VERSION = 1
 
 
 def save_checkpoint(directory: str | Path, *, model: JESCVI, optimizer: torch.optim.Optimizer | None,
@@ -36,11 +41,27 @@ def save_checkpoint(directory: str | Path, *, model: JESCVI, optimizer: torch.op
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
     (directory / GENES_FILE).write_text(json.dumps({"genes": [str(g) for g in gene_names],
                                                     "batch_categories": [str(b) for b in batch_categories]}))
+    (directory / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
+
+
+def checked_checkpoint(directory: str | Path) -> Path:
+    """``directory`` as a Path if it holds a checkpoint in the format this version reads; a clear
+    error otherwise."""
+    directory = Path(directory)
+    if not (directory / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint: it has no {MODEL_FILE}")
+    format_file = directory / FORMAT_FILE
+    version = json.loads(format_file.read_text())["format_version"] if format_file.is_file() else 0
+    if version != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {directory} has format_version={version}; this distributed_je reads "
+                         f"format_version={FORMAT_VERSION} only: load it with the release that wrote it, "
+                         "or train the model again")
+    return directory
 
 
 def load_training_state(directory: str | Path, model: JESCVI, optimizer: torch.optim.Optimizer) -> TrainState:
     """Restore model and optimizer in place from a checkpoint; return where training stopped."""
-    directory = Path(directory)
+    directory = checked_checkpoint(directory)
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))
@@ -160,9 +181,7 @@ def load_model(path: str | Path) -> TrainedModel:
         from ray.train import Checkpoint
 
         location = Checkpoint(location).to_directory()
-    directory = Path(location.removeprefix("file://"))
-    if not (directory / MODEL_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not a checkpoint: it has no {MODEL_FILE}")
+    directory = checked_checkpoint(location.removeprefix("file://"))
     config = Config.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     genes = json.loads((directory / GENES_FILE).read_text())
     module = build_model(config, len(genes["genes"]), len(genes["batch_categories"]))
