@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import distributed_je
 from distributed_je.artifact import FORMAT_FILE, FORMAT_VERSION, load_model, load_training_state, save_checkpoint
 from distributed_je.config import load_config
 from distributed_je.loop import TrainState, build_model, build_optimizer
@@ -26,7 +27,7 @@ def checkpoint(tmp_path):
 def test_a_saved_checkpoint_loads_back(checkpoint):
     directory, config, model = checkpoint
     assert json.loads((directory / FORMAT_FILE).read_text()) == {"format_version": FORMAT_VERSION}
-    loaded = load_model(directory)
+    loaded = distributed_je.load_model(directory)  # the package's entry point, as the README shows it
     assert loaded.gene_names == GENES and loaded.state.epoch == 3
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.module.state_dict()[name], tensor), name
@@ -46,6 +47,11 @@ def test_a_checkpoint_in_another_format_is_refused_by_name(checkpoint, written):
         load_model(directory)
     with pytest.raises(ValueError, match=expected):
         load_training_state(directory, model, build_optimizer(model, config.optim))
+
+
+def test_the_package_names_only_what_it_exports():
+    with pytest.raises(AttributeError, match="no attribute 'load_modle'"):
+        distributed_je.load_modle
 
 
 def test_a_directory_without_a_model_is_not_a_checkpoint(tmp_path):
