@@ -67,11 +67,13 @@ def test_two_workers_train_checkpoint_load_and_embed(local_ray, pbmc_store, tmp_
     np.testing.assert_allclose(anndata.read_h5ad(h5ad_out).obsm[OBSM_KEY], latent, atol=1e-5)
 
 
-def test_missing_genes_fail_clearly(local_ray, pbmc_store, tmp_path):
+def test_a_run_stored_at_a_url_loads_and_missing_genes_fail_clearly(local_ray, pbmc_store, tmp_path):
     from distributed_je.training import run_training
 
-    result = run_training(config_for(pbmc_store, tmp_path, "genes", "train.max_epochs=1"))
-    model = load_model(result.checkpoint.path)
+    # file:// goes through pyarrow's filesystems, as s3:// and gs:// storage paths do
+    result = run_training(config_for(pbmc_store, f"file://{tmp_path}", "genes", "train.max_epochs=1"))
+    assert (tmp_path / "genes" / "epoch_00001" / "model.pt").is_file()
+    model = load_model(f"file://{tmp_path}/genes/epoch_00001")
     adata = anndata.read_zarr(pbmc_store)[:, 10:]
     with pytest.raises(KeyError, match="10 of the model's 500 genes are missing"):
         model.get_latent_representation(adata)
