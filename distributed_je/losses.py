@@ -39,7 +39,8 @@ class _CrossCorrelationLoss(torch.autograd.Function):
     on CPU both passes run in numpy (~1-5 us an operation against torch's ~10), the same lines
     as torch runs on a GPU (the methods used take the same arguments in both), and every
     reduction is over the cells of a 2-D array, numpy's fast case. Under autocast it runs in
-    float32: C in bfloat16 would round away the off-diagonal terms.
+    float32: in bfloat16, C's entries near 1 round to steps of 2^-8, coarser than the 1 - C_ii
+    the loss drives to 0.
     """
 
     @staticmethod

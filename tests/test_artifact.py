@@ -49,7 +49,7 @@ def test_a_checkpoint_in_another_format_is_refused_by_name(checkpoint, written):
         load_training_state(directory, model, build_optimizer(model, config.optim))
 
 
-def test_the_package_names_only_what_it_exports():
+def test_an_unknown_name_in_the_package_raises_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'load_modle'"):
         distributed_je.load_modle
 

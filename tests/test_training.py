@@ -71,7 +71,7 @@ def test_a_run_stored_at_a_url_loads_and_missing_genes_fail_clearly(local_ray, p
     from distributed_je.training import run_training
 
     # file:// goes through pyarrow's filesystems, as s3:// and gs:// storage paths do
-    result = run_training(config_for(pbmc_store, f"file://{tmp_path}", "genes", "train.max_epochs=1"))
+    run_training(config_for(pbmc_store, f"file://{tmp_path}", "genes", "train.max_epochs=1"))
     assert (tmp_path / "genes" / "epoch_00001" / "model.pt").is_file()
     model = load_model(f"file://{tmp_path}/genes/epoch_00001")
     adata = anndata.read_zarr(pbmc_store)[:, 10:]
