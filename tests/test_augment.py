@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,19 @@ def test_explicitly_stored_zeros_leave_the_draw_unchanged(draw):
     a = binomial_thin(exact, p, generator=torch.Generator().manual_seed(6))
     b = binomial_thin(with_zeros, p, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a.to_dense(), b.to_dense())
+
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])  # odd n: the last raw 64-bit draw is half used
+def test_uniform_integers_come_n_at_a_time_as_uint32(n):
+    values = augment._uniform_integers(np.random.default_rng(0), n)
+    assert values.dtype == np.uint32 and values.shape == (n,)
+
+
+def test_uniform_integers_are_uniform_below_two_to_the_31():
+    n = 10_000
+    values = augment._uniform_integers(np.random.default_rng(0), n)
+    assert values.max() < 2**31
+    # mean 2**30 with standard error 2**31 / sqrt(12 n); the top of the 31 bits set half the time
+    assert abs(values.astype(np.float64).mean() - 2**30) < 5 * 2**31 / np.sqrt(12 * n)
+    assert abs((values >= 2**30).mean() - 0.5) < 5 * 0.5 / np.sqrt(n)
