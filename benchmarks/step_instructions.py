@@ -4,7 +4,7 @@ On a shared machine the wall-clock JE cost of train_throughput.py moves by about
 between runs, which hides changes of 1-2% of a step. An instruction count is the same on
 every run of the same code and libraries, so it shows them. It leaves out what instructions
 do not show (cache and memory stalls, page faults): on the 2-core VM of docs/benchmarks.md,
-JE's wall-clock cost has run about 4 points above its instruction cost.
+JE's wall-clock cost has run 5-7 points above its instruction cost.
 
 Each variant runs in its own process under callgrind with instrumentation off. The process
 loads --steps batches of pbmc3k (2,000 genes) into memory, so the loader is not counted; it
@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from loader_throughput import reference_store  # noqa: E402  (the store the other benchmarks use)
+from train_throughput import training_run  # noqa: E402  (the same model, optimizer and batches)
+
+from distributed_je.store import open_store  # noqa: E402
 
 VARIANTS = ("scvi", "je")
 WARM_STEPS = 3
@@ -42,19 +45,11 @@ def steps_under_callgrind(variant: str, store: str, batch_size: int, steps: int)
 
     import torch
 
-    from distributed_je.config import load_config
-    from distributed_je.loader import StoreLoader
-    from distributed_je.loop import TrainState, build_model, build_optimizer, train_epoch
-    from distributed_je.store import open_store
+    from distributed_je.loop import train_epoch
 
     torch.set_num_threads(1)
-    s = open_store(store)
-    config = load_config(None, [f"model.variant={variant}", f"data.batch_size={batch_size}"])
-    loader = StoreLoader.from_config(s, config.data, split="all", seed=0)
-    epochs = itertools.chain.from_iterable(loader.epoch(epoch) for epoch in itertools.count())
-    batches = list(itertools.islice(epochs, steps))  # pbmc3k's 2,700 cells fill 5 batches of 512
-    model = build_model(config, s.n_genes, 1)
-    optimizer, state = build_optimizer(model, config.optim), TrainState()
+    model, optimizer, stream, state, config = training_run(open_store(store), variant, batch_size)
+    batches = list(itertools.islice(stream, steps))  # across epochs: pbmc3k's 2,700 cells fill 5 batches of 512
     train_epoch(model, optimizer, batches[:WARM_STEPS], state=state, config=config)
 
     def instrument(switch: str) -> None:

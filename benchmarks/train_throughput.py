@@ -40,6 +40,22 @@ WARM_STEPS = 10
 WINDOWS = 11
 
 
+def training_run(store, variant: str, batch_size: int) -> tuple:
+    """A fresh ``variant`` on ``store`` (an open Store) as (model, optimizer, batches, state, config):
+    the batches stream epoch after epoch without end."""
+    import itertools
+
+    from distributed_je.config import load_config
+    from distributed_je.loader import StoreLoader
+    from distributed_je.loop import TrainState, build_model, build_optimizer
+
+    config = load_config(None, [f"model.variant={variant}", f"data.batch_size={batch_size}"])
+    loader = StoreLoader.from_config(store, config.data, split="all", seed=0)
+    model = build_model(config, store.n_genes, 1)
+    batches = itertools.chain.from_iterable(loader.epoch(epoch) for epoch in itertools.count())
+    return model, build_optimizer(model, config.optim), batches, TrainState(), config
+
+
 def ours(store: str, variants: list[str], batch_size: int, steps: int) -> dict:
     """Seconds of each of WINDOWS windows of ``steps`` steps per variant, after WARM_STEPS steps.
     The variants take turns window by window in this one process, so their ratio is measured
@@ -48,20 +64,11 @@ def ours(store: str, variants: list[str], batch_size: int, steps: int) -> dict:
 
     import torch
 
-    from distributed_je.config import load_config
-    from distributed_je.loader import StoreLoader
-    from distributed_je.loop import TrainState, build_model, build_optimizer, train_epoch
-    from distributed_je.store import open_store
+    from distributed_je.loop import train_epoch
 
     torch.set_num_threads(1)
     s = open_store(store)
-    runs = {}
-    for variant in variants:
-        config = load_config(None, [f"model.variant={variant}", f"data.batch_size={batch_size}"])
-        loader = StoreLoader.from_config(s, config.data, split="all", seed=0)
-        model = build_model(config, s.n_genes, 1)
-        stream = itertools.chain.from_iterable(loader.epoch(epoch) for epoch in itertools.count())
-        runs[variant] = (model, build_optimizer(model, config.optim), stream, TrainState(), config)
+    runs = {variant: training_run(s, variant, batch_size) for variant in variants}
 
     seconds = {variant: [] for variant in variants}
     for n_steps in [WARM_STEPS] + [steps] * WINDOWS:

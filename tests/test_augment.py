@@ -141,7 +141,6 @@ def test_explicitly_stored_zeros_leave_the_draw_unchanged(draw):
     assert torch.equal(a.to_dense(), b.to_dense())
 
 
-
 @pytest.mark.parametrize("n", [0, 1, 7])  # odd n: the last raw 64-bit draw is half used
 def test_uniform_integers_come_n_at_a_time_as_uint32(n):
     values = augment._uniform_integers(np.random.default_rng(0), n)
