@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distributed_je.sparse import Entries, csr_rows, nonzero_positions, repeat_positions, stored_entries
+from distributed_je.sparse import Entries, csr, csr_rows, nonzero_positions, repeat_positions, stored_entries
 
 # Counts up to this are drawn as sums of Bernoulli units (see _draw): of 8, 16 and 32, 16 was
 # fastest in a training step on CPU, and of 16, 32 and 64 it takes the fewest instructions.
@@ -34,7 +34,7 @@ def binomial_thin(x: torch.Tensor, p: torch.Tensor, *, generator: torch.Generato
         drawn, kept = _draw(x.values(), rows, p, generator)
         # the surviving entries before each row boundary give the result's row pointers
         crow = torch.searchsorted(kept, x.crow_indices(), out_int32=x.crow_indices().dtype == torch.int32)
-        return torch.sparse_csr_tensor(crow, x.col_indices().index_select(0, kept), drawn, x.shape)
+        return csr(crow, x.col_indices().index_select(0, kept), drawn, x.shape)
     if x.layout != torch.strided:
         raise ValueError(f"binomial_thin takes dense or sparse CSR counts, got layout {x.layout}")
     entries = stored_entries(x) if entries is None else entries

@@ -32,6 +32,7 @@ import torch
 from distributed_je.config import DataConfig
 from distributed_je.keys import BATCH_INDEX, COUNTS, LABELS, LIBRARY, ROW
 from distributed_je.seeding import numpy_generator
+from distributed_je.sparse import csr
 from distributed_je.split import validation_threshold
 from distributed_je.store import LIBRARY_SIZE, NAME_HASH, CountStore, CsrRows
 
@@ -223,8 +224,8 @@ class StoreLoader:
         if self.dense:
             batch[COUNTS] = torch.from_numpy(counts.dense(self.store.n_genes))
         else:
-            batch[COUNTS] = torch.sparse_csr_tensor(torch.from_numpy(counts.indptr), torch.from_numpy(counts.indices),
-                                                    torch.from_numpy(counts.data), (counts.n_cells, self.store.n_genes))
+            batch[COUNTS] = csr(torch.from_numpy(counts.indptr), torch.from_numpy(counts.indices),
+                                torch.from_numpy(counts.data), (counts.n_cells, self.store.n_genes))
         return batch
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ over ranks once per epoch, so every rank reports the same global means.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -171,7 +172,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, *, config: Config,
             on_epoch_end(state, metrics)
         if reason:
             if rank == 0:
-                print(f"stopping after epoch {state.epoch}: {reason}", flush=True)
+                say(f"stopping after epoch {state.epoch}: {reason}")
             break
     return state
 
@@ -197,6 +198,13 @@ def stop_reason(state: TrainState, config: Config, *, seconds: float) -> str | N
         if len(values) - 1 - best >= train.early_stopping_patience:
             return f"{train.monitor_metric} has not improved for {train.early_stopping_patience} epochs"
     return None
+
+
+def say(line: str) -> None:
+    """One progress line on stdout. Not ``print``: in a Ray Train worker, Ray patches ``print`` to
+    log each line as well, and the driver would show it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def epoch_line(metrics: dict[str, float]) -> str:

@@ -38,6 +38,12 @@ def repeat_positions(repeats: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(repeats.shape[0], device=repeats.device), repeats)
 
 
+def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor from parts this package built or wrote, valid by construction. Torch's
+    invariant checks stay off, said explicitly: left implicit, torch warns in every process."""
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
 def csr_rows(crow: torch.Tensor) -> torch.Tensor:
     """The row of each stored entry of a CSR layout, in storage order, from its ``crow_indices``."""
     return repeat_positions(crow.diff())
@@ -94,7 +100,7 @@ def csr_from_dense(x: torch.Tensor, nonzero: torch.Tensor | None = None) -> torc
     n_rows, n_cols = x.shape
     per_row = torch.bincount(nonzero // n_cols, minlength=n_rows)
     crow = F.pad(per_row.cumsum(0), (1, 0))
-    return torch.sparse_csr_tensor(crow, nonzero % n_cols, x.detach().reshape(-1).index_select(0, nonzero), x.shape)
+    return csr(crow, nonzero % n_cols, x.detach().reshape(-1).index_select(0, nonzero), x.shape)
 
 
 def stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -106,13 +112,13 @@ def stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
         crows.append(part.crow_indices()[1:] + start)
         start += part.values().shape[0]
     shape = (sum(part.shape[0] for part in parts), parts[0].shape[1])
-    return torch.sparse_csr_tensor(torch.cat(crows), torch.cat([part.col_indices() for part in parts]),
-                                   torch.cat([part.values() for part in parts]), shape)
+    return csr(torch.cat(crows), torch.cat([part.col_indices() for part in parts]),
+               torch.cat([part.values() for part in parts]), shape)
 
 
 def map_values(x: torch.Tensor, function) -> torch.Tensor:
     """``function`` applied to a CSR tensor's stored values (one that maps 0 to 0 keeps its meaning)."""
-    return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), function(x.values()), x.shape)
+    return csr(x.crow_indices(), x.col_indices(), function(x.values()), x.shape)
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor | None, extra_weight: torch.Tensor | None,

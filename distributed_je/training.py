@@ -8,6 +8,8 @@ epoch's end reports the global metrics with a checkpoint written by rank 0. Plai
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,9 +27,10 @@ def train_worker(config_dict: dict) -> None:
 
     from distributed_je.artifact import load_training_state, save_checkpoint
     from distributed_je.loader import StoreLoader
-    from distributed_je.loop import build_model, build_optimizer, epoch_line, fit, run_ended
+    from distributed_je.loop import build_model, build_optimizer, epoch_line, fit, run_ended, say
     from distributed_je.store import open_store
 
+    _quiet_report_logging()
     config = Config.from_dict(config_dict)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -47,12 +50,12 @@ def train_worker(config_dict: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = load_training_state(directory, model, optimizer)
         if rank == 0:
-            print(f"resuming from the checkpoint after epoch {state.epoch}", flush=True)
+            say(f"resuming from the checkpoint after epoch {state.epoch}")
     if state is not None and run_ended(state, config):
         # The run had ended before this restart (a Tune driver killed before it recorded the trial
         # as finished restarts it): report the last epoch again, so the caller gets its result.
         if rank == 0:
-            print(f"the run had already ended after epoch {state.epoch}; reporting that epoch again", flush=True)
+            say(f"the run had already ended after epoch {state.epoch}; reporting that epoch again")
         ray.train.report(state.history[-1])
         return
     ddp_model = ray.train.torch.prepare_model(model)
@@ -64,13 +67,22 @@ def train_worker(config_dict: dict) -> None:
                 save_checkpoint(directory, model=model, optimizer=optimizer, state=state, config=config,
                                 gene_names=store.gene_names, batch_categories=batch_categories)
                 saved = ray.train.Checkpoint.from_directory(directory)
-                print(epoch_line(metrics), flush=True)
+                say(epoch_line(metrics))
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{state.epoch:05d}")
 
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
     fit(ddp_model, optimizer, config=config, train_batches=train.epoch,
         val_batches=lambda: val.epoch(0) if val is not None else iter(()),
         state=state, rank=rank, device=device, on_epoch_end=on_epoch_end)
+
+
+def _quiet_report_logging() -> None:
+    """Keep Ray Train from logging every rank's whole metrics dict on every report: rank 0's epoch
+    line says it once. Its logger is named by file path, out of reach of RunConfig's log level."""
+    with contextlib.suppress(ImportError, AttributeError):  # a private module: cosmetic only
+        from ray.train.v2._internal.execution import context
+
+        context.logger.setLevel(logging.WARNING)
 
 
 def storage_root(config: Config) -> str:

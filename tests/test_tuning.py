@@ -16,6 +16,7 @@ import pytest
 
 from distributed_je.config import ConfigError, load_config
 from distributed_je.tuning import Domain, _make_searcher, best_row, parse_search_space
+from processes import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {
@@ -216,7 +217,7 @@ def test_kill_the_tune_driver_and_resume_loses_and_reruns_no_trial(pbmc_store, t
         assert time.monotonic() < deadline and first.poll() is None, "no trial finished before the kill"
         time.sleep(0.5)
     time.sleep(2)  # let Tune save the experiment state that records the finished trial
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    kill_session(first.pid)  # the driver and the local Ray it started, workers included
     first.wait()
     before = finished_trials()
     assert not (experiment / "results.csv").exists()
