@@ -58,11 +58,11 @@ class _CrossCorrelationLoss(torch.autograd.Function):
         scaled = centered / denominator
         c = scaled[:, :n_latent].T @ scaled[:, n_latent:] / n_cells  # (n_latent, n_latent)
         diagonal = c.diagonal()
+        lam = lambda_off_diag
         # sum_i (1 - C_ii)^2 + lambda * (sum_ij C_ij^2 - sum_i C_ii^2)
-        loss = ((1.0 - diagonal) ** 2 - lambda_off_diag * diagonal**2).sum() + lambda_off_diag * (c * c).sum()
+        loss = ((1.0 - diagonal) ** 2 - lam * diagonal**2).sum() + lam * (c * c).sum()
         ctx.grad_views = None
         if ctx.needs_input_grad[0]:
-            lam = lambda_off_diag
             grad_c = 2 * lam * c + xp.diag(2 * (diagonal - 1) - 2 * lam * diagonal)  # dL/dC
             # dL/dscaled: view 1's columns get scaled_2 @ G^T, view 2's get scaled_1 @ G
             grad_scaled = xp.concatenate([scaled[:, n_latent:] @ grad_c.T, scaled[:, :n_latent] @ grad_c],
