@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed_je.augment import binomial_thin, sample_thinning_probability
+from distributed_je.augment import binomial_thin, thin_to_random_depth
 from distributed_je.config import AugmentConfig, LossConfig, ModelConfig
 from distributed_je.distributions import kl_normal_standard, reconstruction_nll
 from distributed_je.keys import BATCH_INDEX, COUNTS
@@ -88,8 +88,8 @@ class JESCVI(nn.Module):
 
         thinned = None
         if variant != "scvi":
-            p = sample_thinning_probability(library, self.augment_config.min_library_size, generator=generator)
-            thinned = binomial_thin(view, p, generator=generator, entries=entries)
+            thinned = thin_to_random_depth(view, library, self.augment_config.min_library_size,
+                                           generator=generator, entries=entries)
         if variant == "thinning_only":  # SCVI trained on thinned counts: the thinned copy is the cell
             counts, library, entries = thinned, row_sums(thinned), None
         # denoising encodes the thinned view but reconstructs the original counts, so the

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distributed_je import augment
-from distributed_je.augment import MAX_SUMMED_COUNT, binomial_thin, sample_thinning_probability
+from distributed_je.augment import MAX_SUMMED_COUNT, binomial_thin, sample_thinning_probability, thin_to_random_depth
 from distributed_je.sparse import Entries
 
 
@@ -91,6 +91,31 @@ def test_thinning_probability_is_log_uniform_between_min_library_and_library():
 def test_cells_below_min_library_are_not_thinned():
     p = sample_thinning_probability(torch.tensor([[3.0], [0.0], [10.0]]), 10.0)
     assert torch.equal(p, torch.ones(3, 1))
+
+
+def test_thinning_to_random_depth_draws_log_uniform_depths():
+    x = torch.full((20000, 1), 10000.0)  # one gene: the thinned count is the cell's new depth
+    target = thin_to_random_depth(x, x, 10.0, generator=torch.Generator().manual_seed(0))
+    assert target.min() >= 1 and target.max() <= 10000
+    log_target = torch.log10(target)  # uniform on [1, 4], up to the binomial's spread around p L
+    assert abs(log_target.mean().item() - 2.5) < 0.03
+    assert abs((log_target < 2.0).float().mean().item() - 1 / 3) < 0.02
+
+
+def test_thinning_to_random_depth_leaves_cells_at_or_below_the_minimum_and_is_seeded():
+    x = counts(n_cells=6)
+    x[:3] = 0
+    x[0, :3], x[1, 0] = torch.tensor([1.0, 1.0, 1.0]), 10.0  # libraries 3, 10 and 0
+    library = x.sum(1, keepdim=True)
+
+    def thin(counts, seed):
+        return thin_to_random_depth(counts, library, 10.0, generator=torch.Generator().manual_seed(seed))
+
+    dense = thin(x, 1)
+    assert torch.equal(dense[:3], x[:3])
+    assert (dense[3:] <= x[3:]).all() and dense[3:].sum() < x[3:].sum()
+    assert torch.equal(thin(x.to_sparse_csr(), 1).to_dense(), dense)
+    assert not torch.equal(thin(x, 2), dense)
 
 
 @pytest.mark.parametrize("count", [1, 3, 8, 9, 64, 500])
