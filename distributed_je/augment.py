@@ -38,8 +38,8 @@ def thin_to_random_depth(x: torch.Tensor, library: torch.Tensor, min_library_siz
     thinned to a depth drawn log-uniformly in [min_library_size, its library].
 
     On CPU, p and the draw come from one numpy generator in one burst of numpy calls, without
-    the ~10 torch calls that draw p and check its range (about 1% of a JE step at batch 128).
-    Other devices take the two torch functions.
+    the ~10 torch calls that draw p and check its range: ~3 points off JE's cost over scvi at
+    batch 128 (docs/benchmarks.md, session 12). Other devices take the two torch functions.
     """
     if x.device.type != "cpu":
         p = sample_thinning_probability(library, min_library_size, generator=generator)
