@@ -16,6 +16,14 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def recorded_checkpoints(run_dir: Path) -> str:
+    """Ray Train's checkpoint snapshot of a run, as text ('' before it records a checkpoint). A
+    checkpoint's directory appears when its upload starts; a run restarted or run again resumes
+    only from a checkpoint that the snapshot records."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.read_text() if snapshot.exists() else ""
+
+
 @pytest.fixture
 def pbmc3k_path() -> Path:
     return shared_data("pbmc3k_labeled.h5ad")

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.data]
 
 def test_losing_a_worker_node_recovers_from_the_latest_checkpoint(tmp_path):
     import ray
-    from conftest import shared_data
+    from conftest import recorded_checkpoints, shared_data
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
@@ -38,9 +38,10 @@ def test_losing_a_worker_node_recovers_from_the_latest_checkpoint(tmp_path):
         thread.start()
         run_dir = tmp_path / "results" / "ft"
         deadline = time.monotonic() + 300
-        while not (run_dir / "epoch_00001").exists():
+        while "epoch_00001" not in recorded_checkpoints(run_dir):
             assert time.monotonic() < deadline, "no checkpoint after epoch 1"
             time.sleep(0.2)
+        first_epoch = load_model(run_dir / "epoch_00001").state.history[0]
         # the node of a training worker (not the head), during epoch 2
         worker_nodes = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
                                                                   ("state", "=", "ALIVE")])}
@@ -57,7 +58,9 @@ def test_losing_a_worker_node_recovers_from_the_latest_checkpoint(tmp_path):
             assert load_model(checkpoint).state.epoch == int(checkpoint.name.split("_")[1])
         final = load_model(result.checkpoint.path)
         assert Path(result.checkpoint.path).name == "epoch_00004"
-        assert [int(m["epoch"]) for m in final.state.history] == [1, 2, 3, 4]  # resumed, not restarted
+        assert [int(m["epoch"]) for m in final.state.history] == [1, 2, 3, 4]
+        # resumed, not restarted: epoch 1's record, its timing included, is the one from before the loss
+        assert final.state.history[0] == first_epoch
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -19,6 +19,7 @@ from distributed_je.embed import OBSM_KEY, embed
 from distributed_je.loader import StoreLoader
 from distributed_je.loop import build_model, build_optimizer, fit
 from distributed_je.store import open_store
+from conftest import recorded_checkpoints
 from processes import kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.data]
@@ -156,8 +157,8 @@ def test_kill_the_driver_and_the_same_command_resumes(pbmc_store, tmp_path):
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                              start_new_session=True)
     deadline = time.monotonic() + 240
-    while not (tmp_path / "results" / "resume" / "epoch_00001").exists():
-        assert time.monotonic() < deadline and first.poll() is None, "the first run wrote no checkpoint"
+    while "epoch_00001" not in recorded_checkpoints(tmp_path / "results" / "resume"):
+        assert time.monotonic() < deadline and first.poll() is None, "the first run recorded no checkpoint"
         time.sleep(0.5)
     kill_session(first.pid)  # the driver and the local Ray it started, workers included
     first.wait()
