@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -50,7 +52,11 @@ def thin_to_random_depth(x: torch.Tensor, library: torch.Tensor, min_library_siz
     return _thin(x, entries, lambda counts, rows: _draw_on_cpu(counts, rows, p, rng))
 
 
-def _thin(x: torch.Tensor, entries: Entries | None, draw) -> torch.Tensor:
+# (values of the stored entries, their rows) -> (the draws above 0, their entries' indices); see _draw
+Draw = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _thin(x: torch.Tensor, entries: Entries | None, draw: Draw) -> torch.Tensor:
     """The thinned copy of dense or CSR counts ``x``, given ``draw(counts, rows) -> (drawn, kept)``
     over its stored entries (see ``_draw``)."""
     if x.layout == torch.sparse_csr:
@@ -60,7 +66,7 @@ def _thin(x: torch.Tensor, entries: Entries | None, draw) -> torch.Tensor:
         crow = torch.searchsorted(kept, x.crow_indices(), out_int32=x.crow_indices().dtype == torch.int32)
         return csr(crow, x.col_indices().index_select(0, kept), drawn, x.shape)
     if x.layout != torch.strided:
-        raise ValueError(f"binomial_thin takes dense or sparse CSR counts, got layout {x.layout}")
+        raise ValueError(f"counts to thin must be dense or sparse CSR, got layout {x.layout}")
     entries = stored_entries(x) if entries is None else entries
     drawn, kept = draw(x.reshape(-1).index_select(0, entries.flat), entries.rows)
     return torch.zeros_like(x).view(-1).index_copy_(0, entries.flat.index_select(0, kept), drawn).view(x.shape)

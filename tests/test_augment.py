@@ -93,6 +93,14 @@ def test_cells_below_min_library_are_not_thinned():
     assert torch.equal(p, torch.ones(3, 1))
 
 
+def test_thinning_refuses_a_layout_other_than_dense_or_csr():
+    x = counts().to_sparse()  # COO
+    with pytest.raises(ValueError, match="dense or sparse CSR, got layout torch.sparse_coo"):
+        binomial_thin(x, torch.full((50,), 0.5))
+    with pytest.raises(ValueError, match="dense or sparse CSR, got layout torch.sparse_coo"):
+        thin_to_random_depth(x, torch.full((50, 1), 100.0), 10.0)
+
+
 def test_thinning_to_random_depth_draws_log_uniform_depths():
     x = torch.full((20000, 1), 10000.0)  # one gene: the thinned count is the cell's new depth
     target = thin_to_random_depth(x, x, 10.0, generator=torch.Generator().manual_seed(0))
